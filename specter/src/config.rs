@@ -1,0 +1,408 @@
+//! The YAML configuration: its sections, defaults and validation.
+//!
+//! A config is read whole and checked whole before anything starts, so Specter never runs with
+//! half of a config applied. Every error names the key, the value and what was expected.
+//! `docs/configuration.md` documents every key and default.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Everything that can go wrong reading a config.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {origin}: key `{key}`: {message}")]
+    Parse {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    #[error("config {origin}: key `{key}` has value {value:?}, expected {expected}")]
+    Invalid {
+        origin: String,
+        key: String,
+        value: String,
+        expected: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub specter: SpecterSection,
+    pub sampling: SamplingSection,
+    pub replay: ReplaySection,
+    pub capture: CaptureSection,
+    pub store: StoreSection,
+    pub api: ApiSection,
+    pub cluster: Option<ClusterSection>,
+}
+
+/// Where traffic comes from and goes to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpecterSection {
+    /// Proxy mode listens here (and attach mode falls back to it).
+    pub listen: Option<SocketAddr>,
+    /// The live service.
+    pub live_target: Option<String>,
+    /// The candidate service requests are replayed to.
+    pub shadow_target: Option<String>,
+    /// Header whose value identifies a user; drives sampling and ownership.
+    pub routing_key: Option<String>,
+    /// How long the proxy waits for the live service to start answering.
+    #[serde(with = "humantime_serde")]
+    pub live_timeout: Duration,
+    /// How long the proxy waits to connect to the live service.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// On shutdown, how long in-flight replays may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for SpecterSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            live_target: None,
+            shadow_target: None,
+            routing_key: None,
+            live_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Which exchanges are mirrored and which are stored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingSection {
+    /// Share of exchanges mirrored, 0.0 to 1.0.
+    pub rate: f64,
+    /// Store only divergent exchanges (counters still count everything).
+    pub divergence_only: bool,
+}
+
+impl Default for SamplingSection {
+    fn default() -> Self {
+        Self {
+            rate: 1.0,
+            divergence_only: false,
+        }
+    }
+}
+
+/// How requests are replayed to the shadow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplaySection {
+    /// Methods that are replayed; others are counted as `skipped_unsafe`.
+    pub methods: Vec<String>,
+    /// Send the live Host header to the shadow instead of the shadow's own.
+    pub preserve_host: bool,
+    /// How long a replay may take, headers and body.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Replays in flight at once.
+    pub concurrency: usize,
+    /// Exchanges waiting for a replay slot; beyond it they are dropped and counted.
+    pub queue_size: usize,
+}
+
+impl Default for ReplaySection {
+    fn default() -> Self {
+        Self {
+            methods: vec!["GET".into(), "HEAD".into(), "OPTIONS".into()],
+            preserve_host: false,
+            timeout: Duration::from_secs(10),
+            concurrency: 32,
+            queue_size: 4096,
+        }
+    }
+}
+
+/// Limits on what is captured of each exchange.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureSection {
+    /// Bodies longer than this are passed through but not compared.
+    pub max_body_bytes: usize,
+}
+
+impl Default for CaptureSection {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Which store backend is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    Redb,
+}
+
+/// Where divergence events and counters are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    pub backend: StoreBackend,
+    pub path: PathBuf,
+    /// Events kept; the oldest are evicted beyond it.
+    pub max_events: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Redb,
+            path: PathBuf::from("./data/specter.redb"),
+            max_events: 100_000,
+        }
+    }
+}
+
+/// The admin HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    pub listen: SocketAddr,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+/// Cluster membership. Read and validated now; with no section Specter is a single node.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    pub node_name: Option<String>,
+    pub bind_addr: Option<SocketAddr>,
+    pub peers: Vec<String>,
+}
+
+/// A parsed `http://host:port/prefix` target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `host:port` as written, used for the Host header.
+    pub authority: String,
+    /// The path prefix requests are placed under, without a trailing slash ("" for none).
+    pub path_prefix: String,
+}
+
+impl Target {
+    /// Parses a target URL; `key` names it in errors.
+    pub fn parse(key: &str, value: &str, origin: &str) -> Result<Self, ConfigError> {
+        let invalid = |expected: &str| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            value: value.to_owned(),
+            expected: expected.to_owned(),
+        };
+        let uri: http::Uri = value
+            .parse()
+            .map_err(|_| invalid("a URL like http://host:port"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(_) => return Err(invalid("an http:// URL (TLS targets are not supported)")),
+            None => return Err(invalid("a URL with a scheme, like http://host:port")),
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| invalid("a URL with a host"))?;
+        if uri.query().is_some() {
+            return Err(invalid("a URL without a query string"));
+        }
+        let authority = if authority.port().is_some() {
+            authority.to_string()
+        } else {
+            format!("{}:80", authority.host())
+        };
+        Ok(Self {
+            authority,
+            path_prefix: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The request target to send: the prefix, then the original path and query.
+    pub fn place(&self, path_and_query: &str) -> String {
+        format!("{}{}", self.path_prefix, path_and_query)
+    }
+}
+
+/// A config that passed validation, with its targets parsed.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub config: Config,
+    pub live: Option<Target>,
+    pub shadow: Target,
+    /// Upper-cased methods that are replayed.
+    pub replay_methods: Vec<String>,
+    /// The routing-key header, lower-cased.
+    pub routing_key: Option<String>,
+    pub node_name: String,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Validated, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())?.validate(&path.display().to_string())
+    }
+
+    /// Parses YAML text; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let key = err.path().to_string();
+            ConfigError::Parse {
+                origin: origin.to_owned(),
+                key: if key == "." {
+                    "(top level)".to_owned()
+                } else {
+                    key
+                },
+                message: err.into_inner().to_string(),
+            }
+        })
+    }
+
+    /// Checks every value and resolves the targets.
+    pub fn validate(self, origin: &str) -> Result<Validated, ConfigError> {
+        let invalid = |key: &str, value: String, expected: &str| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            value,
+            expected: expected.to_owned(),
+        };
+
+        let rate = self.sampling.rate;
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(invalid(
+                "sampling.rate",
+                rate.to_string(),
+                "a number from 0.0 to 1.0",
+            ));
+        }
+
+        let shadow = match &self.specter.shadow_target {
+            Some(url) => Target::parse("specter.shadow_target", url, origin)?,
+            None => {
+                return Err(invalid(
+                    "specter.shadow_target",
+                    "(missing)".into(),
+                    "a URL",
+                ));
+            }
+        };
+        let live = match &self.specter.live_target {
+            Some(url) => Some(Target::parse("specter.live_target", url, origin)?),
+            None => None,
+        };
+
+        let mut replay_methods = Vec::new();
+        for method in &self.replay.methods {
+            let valid = !method.is_empty() && method.bytes().all(|b| b.is_ascii_alphabetic());
+            if !valid {
+                return Err(invalid(
+                    "replay.methods",
+                    method.clone(),
+                    "HTTP method names",
+                ));
+            }
+            replay_methods.push(method.to_ascii_uppercase());
+        }
+        if self.replay.concurrency == 0 {
+            return Err(invalid("replay.concurrency", "0".into(), "at least 1"));
+        }
+        if self.replay.queue_size == 0 {
+            return Err(invalid("replay.queue_size", "0".into(), "at least 1"));
+        }
+        if self.replay.timeout.is_zero() {
+            return Err(invalid(
+                "replay.timeout",
+                "0s".into(),
+                "a duration above zero",
+            ));
+        }
+        if self.capture.max_body_bytes == 0 {
+            return Err(invalid("capture.max_body_bytes", "0".into(), "at least 1"));
+        }
+        if self.store.max_events == 0 {
+            return Err(invalid("store.max_events", "0".into(), "at least 1"));
+        }
+
+        let routing_key = match &self.specter.routing_key {
+            Some(name) if http::HeaderName::from_bytes(name.as_bytes()).is_err() => {
+                return Err(invalid(
+                    "specter.routing_key",
+                    name.clone(),
+                    "a header name",
+                ));
+            }
+            Some(name) => Some(name.to_ascii_lowercase()),
+            None => None,
+        };
+
+        let node_name = self
+            .cluster
+            .as_ref()
+            .and_then(|c| c.node_name.clone())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "specter".to_owned());
+
+        Ok(Validated {
+            config: self,
+            live,
+            shadow,
+            replay_methods,
+            routing_key,
+            node_name,
+        })
+    }
+}
+
+impl Validated {
+    /// The proxy needs a listen address and a live target; says which key is missing.
+    pub fn proxy_endpoints(&self) -> Result<(SocketAddr, Target), ConfigError> {
+        let missing = |key: &str| ConfigError::Invalid {
+            origin: "for proxy mode".to_owned(),
+            key: key.to_owned(),
+            value: "(missing)".to_owned(),
+            expected: "a value".to_owned(),
+        };
+        let listen = self
+            .config
+            .specter
+            .listen
+            .ok_or_else(|| missing("specter.listen"))?;
+        let live = self
+            .live
+            .clone()
+            .ok_or_else(|| missing("specter.live_target"))?;
+        Ok((listen, live))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,25 @@
+//! Specter mirrors live HTTP traffic to a shadow (candidate) service and reports every
+//! divergence between the two.
+//!
+//! The flow, from capture source to report:
+//!
+//! ```text
+//! proxy / attach ──▶ Exchange ──▶ pipeline: sample ─▶ replay ─▶ compare ─▶ record ─▶ serve
+//! ```
+//!
+//! Capture sources ([`proxy`], [`capture`]) know nothing of shadows or stores; the stages after
+//! [`exchange::Exchange`] know nothing of packets or proxies.
+
+pub mod api;
+pub mod capture;
+pub mod compare;
+pub mod config;
+pub mod event;
+pub mod exchange;
+pub mod pipeline;
+pub mod profile;
+pub mod proxy;
+pub mod replay;
+pub mod store;
+pub mod testserver;
+pub mod traffic;

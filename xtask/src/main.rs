@@ -1,0 +1,98 @@
+//! Developer tasks: `cargo xtask setup | demo | test`.
+//!
+//! Everything the project needs beyond stable Rust is installed project-locally under `.tools/`
+//! (bpf-linker) or as the nightly's `rust-src` component; nothing else on the machine changes.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Specter's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain pieces: the nightly's rust-src and bpf-linker in .tools/bin.
+    Setup,
+    /// Build everything, start live and shadow test servers and Specter, drive traffic, and
+    /// print the divergence summary.
+    Demo {
+        /// Requests the demo sends.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+    },
+    /// Run every test: formatting, lints, unit and integration tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.command {
+        Task::Setup => setup::run(&root),
+        Task::Demo { requests } => {
+            setup::run(&root)?;
+            demo::run(&root, requests)
+        }
+        Task::Test { args } => {
+            setup::run(&root)?;
+            test(&root, &args)
+        }
+    }
+}
+
+fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args(["fmt", "--all", "--", "--check"]))
+    .context("code is not formatted: run `cargo fmt --all`")?;
+    run(Command::new("cargo").current_dir(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found problems")?;
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args(["test", "--workspace"])
+        .args(args))
+    .context("tests failed")
+}
+
+/// Runs a command, echoing it, and fails when it fails.
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} exited with {status}");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}

@@ -37,6 +37,9 @@ pub enum ApiError {
     },
 }
 
+/// Produces the `capture` object of `/api/stats` in attach mode.
+pub type CaptureView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// What the API reads from.
 #[derive(Clone)]
 pub struct ApiState {
@@ -45,6 +48,8 @@ pub struct ApiState {
     pub mode: &'static str,
     pub profile: Arc<Profile>,
     pub store: Arc<dyn Store>,
+    /// Present in attach mode.
+    pub capture: Option<CaptureView>,
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ApiError> {
@@ -140,6 +145,7 @@ async fn stats(state: &ApiState) -> Response<Full<Bytes>> {
         },
         "routes": view.routes,
         "recent_divergences": recent,
+        "capture": state.capture.as_ref().map(|view| view()),
     });
     json_response(StatusCode::OK, &body)
 }

@@ -131,18 +131,31 @@ impl Default for ReplaySection {
     }
 }
 
-/// Limits on what is captured of each exchange.
+/// What is captured, and the limits on it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaptureSection {
     /// Bodies longer than this are passed through but not compared.
     pub max_body_bytes: usize,
+    /// Attach mode: the live service's ports (`--port` adds to them).
+    pub ports: Vec<u16>,
+    /// Attach mode: size of the BPF ring buffer, a power of two.
+    pub ring_bytes: u32,
+    /// Attach mode: a connection silent this long is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Attach mode: out-of-order bytes held per connection direction before declaring a gap.
+    pub max_out_of_order_bytes: usize,
 }
 
 impl Default for CaptureSection {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
+            ports: Vec::new(),
+            ring_bytes: 64 * 1024 * 1024,
+            idle_timeout: Duration::from_secs(120),
+            max_out_of_order_bytes: 1024 * 1024,
         }
     }
 }
@@ -347,6 +360,21 @@ impl Config {
         }
         if self.capture.max_body_bytes == 0 {
             return Err(invalid("capture.max_body_bytes", "0".into(), "at least 1"));
+        }
+        let ring = self.capture.ring_bytes;
+        if ring < 4096 || !ring.is_power_of_two() {
+            return Err(invalid(
+                "capture.ring_bytes",
+                ring.to_string(),
+                "a power of two of at least 4096 (e.g. 67108864 for 64 MiB)",
+            ));
+        }
+        if self.capture.ports.contains(&0) {
+            return Err(invalid(
+                "capture.ports",
+                "0".into(),
+                "TCP ports from 1 to 65535",
+            ));
         }
         if self.store.max_events == 0 {
             return Err(invalid("store.max_events", "0".into(), "at least 1"));

@@ -1,14 +1,20 @@
 //! The `specter` command: argument parsing and the wiring of the stages.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use specter::{
-    api::{self, ApiState},
+    api::{self, ApiState, CaptureView},
     config::{Config, Validated},
     pipeline::Pipeline,
     profile::Profile,
     proxy::{self, ProxySettings},
+    replay::LocalEndpointHook,
     store, testserver,
 };
 use tokio::sync::watch;
@@ -52,6 +58,20 @@ enum Command {
     Proxy {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Capture the live service's traffic passively with eBPF on an interface.
+    Attach {
+        /// The interface the live service's traffic crosses.
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        config: PathBuf,
+        /// A live port to capture (repeatable); adds to `capture.ports`.
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        /// Exit with the cause instead of falling back to proxy mode when eBPF is unavailable.
+        #[arg(long)]
+        no_fallback: bool,
     },
     /// Check a config file and print the settings it resolves to.
     CheckConfig {
@@ -161,45 +181,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Proxy mode: store, profile, pipeline, admin API and the proxy itself, then a clean stop.
+/// Proxy mode: the stages, the admin API and the proxy itself, then a clean stop.
 async fn run_proxy(config: Validated) -> anyhow::Result<()> {
     let (listen, live) = config.proxy_endpoints()?;
-    let settings = &config.config;
-
-    let store = store::open(&settings.store)?;
-    let profile = match store.load_profile() {
-        Ok(Some(bytes)) => Profile::restore(&bytes).unwrap_or_else(|error| {
-            warn!(%error, "Stored profile unreadable; counters start from zero");
-            Profile::new()
-        }),
-        Ok(None) => Profile::new(),
-        Err(error) => {
-            warn!(%error, "Cannot read the stored profile; counters start from zero");
-            Profile::new()
-        }
-    };
-
-    let api_listener = api::bind(settings.api.listen).await?;
     let proxy_listener = proxy::bind(listen).await?;
+    let stages = Stages::start(&config, "proxy", None, None).await?;
 
-    let running = Pipeline::start(&config, store.clone(), Arc::new(profile));
-    let pipeline = running.pipeline().clone();
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let api = tokio::spawn(api::serve(
-        api_listener,
-        ApiState {
-            node: config.node_name.clone(),
-            mode: "proxy",
-            profile: pipeline.profile().clone(),
-            store,
-        },
-        stopped(stop_rx.clone()),
-    ));
-
+    let settings = &config.config;
     let proxy_settings = ProxySettings {
         live,
         routing_key: config.routing_key.clone(),
@@ -207,14 +195,79 @@ async fn run_proxy(config: Validated) -> anyhow::Result<()> {
         live_timeout: settings.specter.live_timeout,
         connect_timeout: settings.specter.connect_timeout,
     };
-    proxy::serve(proxy_listener, proxy_settings, pipeline, shutdown_signal()).await;
+    proxy::serve(
+        proxy_listener,
+        proxy_settings,
+        stages.pipeline(),
+        shutdown_signal(),
+    )
+    .await;
 
-    info!(deadline = ?settings.specter.drain_timeout, "Draining in-flight replays");
-    running.shutdown(settings.specter.drain_timeout).await;
-    let _ = stop_tx.send(true);
-    let _ = api.await;
-    info!("Stopped");
+    stages.stop(settings.specter.drain_timeout).await;
     Ok(())
+}
+
+/// The stages every capture source feeds: store, profile, pipeline and the admin API.
+struct Stages {
+    running: specter::pipeline::Running,
+    stop_api: watch::Sender<bool>,
+    api: tokio::task::JoinHandle<()>,
+}
+
+impl Stages {
+    async fn start(
+        config: &Validated,
+        mode: &'static str,
+        hook: Option<LocalEndpointHook>,
+        capture: Option<CaptureView>,
+    ) -> anyhow::Result<Self> {
+        let settings = &config.config;
+        let store = store::open(&settings.store)?;
+        let profile = match store.load_profile() {
+            Ok(Some(bytes)) => Profile::restore(&bytes).unwrap_or_else(|error| {
+                warn!(%error, "Stored profile unreadable; counters start from zero");
+                Profile::new()
+            }),
+            Ok(None) => Profile::new(),
+            Err(error) => {
+                warn!(%error, "Cannot read the stored profile; counters start from zero");
+                Profile::new()
+            }
+        };
+        let api_listener = api::bind(settings.api.listen).await?;
+
+        let running = Pipeline::start(config, store.clone(), Arc::new(profile), hook);
+        let (stop_api, stop_rx) = watch::channel(false);
+        let state = ApiState {
+            node: config.node_name.clone(),
+            mode,
+            profile: running.pipeline().profile().clone(),
+            store,
+            capture,
+        };
+        let api = tokio::spawn(api::serve(api_listener, state, async move {
+            let mut rx = stop_rx;
+            let _ = rx.wait_for(|stop| *stop).await;
+        }));
+        Ok(Self {
+            running,
+            stop_api,
+            api,
+        })
+    }
+
+    fn pipeline(&self) -> Pipeline {
+        self.running.pipeline().clone()
+    }
+
+    /// Drains in-flight replays up to `deadline`, then stops the API.
+    async fn stop(self, deadline: std::time::Duration) {
+        info!(?deadline, "Draining in-flight replays");
+        self.running.shutdown(deadline).await;
+        let _ = self.stop_api.send(true);
+        let _ = self.api.await;
+        info!("Stopped");
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

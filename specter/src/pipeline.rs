@@ -25,7 +25,7 @@ use crate::{
     event::{Event, Outcome, StoredResponse},
     exchange::{Exchange, Quality},
     profile::{self, Profile, Tally},
-    replay::ShadowClient,
+    replay::{LocalEndpointHook, ShadowClient},
     store::Store,
 };
 
@@ -105,13 +105,22 @@ pub struct Running {
 
 impl Pipeline {
     /// Starts the replay lanes and the recorder, with the profile the store last saved.
-    pub fn start(config: &Validated, store: Arc<dyn Store>, profile: Arc<Profile>) -> Running {
+    ///
+    /// `hook` learns the local endpoint of every shadow connection (see
+    /// [`LocalEndpointHook`]).
+    pub fn start(
+        config: &Validated,
+        store: Arc<dyn Store>,
+        profile: Arc<Profile>,
+        hook: Option<LocalEndpointHook>,
+    ) -> Running {
         let replay = &config.config.replay;
         let shadow = ShadowClient::new(
             config.shadow.clone(),
             replay.preserve_host,
             replay.timeout,
             config.config.capture.max_body_bytes,
+            hook,
         );
         let next_id = store.next_id().unwrap_or_else(|error| {
             warn!(%error, "Cannot read the next event id from the store; starting at 1");

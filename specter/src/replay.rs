@@ -4,15 +4,29 @@
 //! original. It is placed under the shadow target's path prefix, carries the shadow's Host
 //! (unless `replay.preserve_host`), and is marked with `X-Specter-Shadow: 1`.
 
-use std::time::{Duration, Instant};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection},
+    },
+    rt::{TokioExecutor, TokioIo},
 };
 use thiserror::Error;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpSocket, TcpStream, UdpSocket},
+};
 
 use crate::{
     config::Target,
@@ -46,10 +60,15 @@ pub struct ShadowResponse {
     pub latency: Duration,
 }
 
+/// Told the local address of each connection the shadow client opens (`true`) and closes
+/// (`false`), before the first packet leaves. Passive capture uses it to leave Specter's own
+/// replays out when the shadow shares the live service's interface and port.
+pub type LocalEndpointHook = Arc<dyn Fn(SocketAddr, bool) + Send + Sync>;
+
 /// Replays requests to one shadow target.
 #[derive(Clone)]
 pub struct ShadowClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<ShadowConnector, Full<Bytes>>,
     target: Target,
     preserve_host: bool,
     timeout: Duration,
@@ -62,10 +81,12 @@ impl ShadowClient {
         preserve_host: bool,
         timeout: Duration,
         max_body_bytes: usize,
+        hook: Option<LocalEndpointHook>,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
+        let connector = ShadowConnector {
+            hook,
+            connect_timeout: timeout,
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
@@ -189,4 +210,144 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// Opens TCP connections to the shadow, reporting each local endpoint to the hook before the
+/// connection's first packet.
+#[derive(Clone)]
+pub struct ShadowConnector {
+    hook: Option<LocalEndpointHook>,
+    connect_timeout: Duration,
+}
+
+impl tower_service::Service<http::Uri> for ShadowConnector {
+    type Response = TokioIo<ShadowStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| io::Error::other("shadow URL has no host"))?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(80);
+            let mut last_error = io::Error::other(format!("{host} resolved to no address"));
+            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+                match this.connect(addr).await {
+                    Ok(stream) => return Ok(TokioIo::new(stream)),
+                    Err(error) => last_error = error,
+                }
+            }
+            Err(last_error)
+        })
+    }
+}
+
+impl ShadowConnector {
+    async fn connect(&self, addr: SocketAddr) -> io::Result<ShadowStream> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_nodelay(true)?;
+
+        // Binding first fixes the local endpoint, so it is known before the SYN leaves.
+        let local = match &self.hook {
+            Some(hook) => {
+                socket.bind(SocketAddr::new(source_address(addr).await?, 0))?;
+                let local = socket.local_addr()?;
+                hook(local, true);
+                Some((local, hook.clone()))
+            }
+            None => None,
+        };
+
+        let connected = tokio::time::timeout(self.connect_timeout, socket.connect(addr)).await;
+        let stream = match connected {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                if let Some((local, hook)) = &local {
+                    hook(*local, false);
+                }
+                return Err(error);
+            }
+            Err(_) => {
+                if let Some((local, hook)) = &local {
+                    hook(*local, false);
+                }
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+            }
+        };
+        Ok(ShadowStream { stream, local })
+    }
+}
+
+/// The source address the kernel would pick to reach `destination`.
+async fn source_address(destination: SocketAddr) -> io::Result<IpAddr> {
+    let unspecified: SocketAddr = if destination.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let probe = UdpSocket::bind(unspecified).await?;
+    probe.connect(destination).await?;
+    Ok(probe.local_addr()?.ip())
+}
+
+/// A connection to the shadow; tells the hook when it closes.
+pub struct ShadowStream {
+    stream: TcpStream,
+    local: Option<(SocketAddr, LocalEndpointHook)>,
+}
+
+impl Drop for ShadowStream {
+    fn drop(&mut self) {
+        if let Some((local, hook)) = &self.local {
+            hook(*local, false);
+        }
+    }
+}
+
+impl Connection for ShadowStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for ShadowStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ShadowStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

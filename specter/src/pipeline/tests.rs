@@ -45,7 +45,7 @@ async fn start(extra: &str) -> (Running, tempfile::TempDir, tokio::net::TcpListe
     let config = Config::parse(&text, "t").unwrap().validate("t").unwrap();
     let store = crate::store::open(&config.config.store).unwrap();
     (
-        Pipeline::start(&config, store, Arc::new(Profile::new())),
+        Pipeline::start(&config, store, Arc::new(Profile::new()), None),
         dir,
         silent,
     )

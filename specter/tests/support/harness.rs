@@ -11,11 +11,14 @@
 
 // Each test file includes this module and uses only part of it; `expect` would warn in the
 // files that happen to use everything.
-#![allow(dead_code, reason = "shared by test files that each use a different subset")]
+#![allow(
+    dead_code,
+    reason = "shared by test files that each use a different subset"
+)]
 
 use std::{
     fs::OpenOptions,
-    io::{self, BufRead, BufReader, Read, Write},
+    io::{self, BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -48,7 +51,10 @@ static INSTANCE: AtomicUsize = AtomicUsize::new(0);
 /// A port that was free a moment ago. Callers retry with another when the bind then fails.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("ephemeral port address").port()
+    listener
+        .local_addr()
+        .expect("ephemeral port address")
+        .port()
 }
 
 /// An address nothing listens on, for a service that is down.
@@ -68,7 +74,10 @@ pub fn wait_until<T>(what: &str, deadline: Duration, mut probe: impl FnMut() -> 
         if let Some(value) = probe() {
             return value;
         }
-        assert!(started.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         thread::sleep(POLL_INTERVAL);
     }
 }
@@ -105,7 +114,12 @@ impl ChildGuard {
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self { child, name: name.to_owned(), log: log.to_owned(), exit: None }
+        Self {
+            child,
+            name: name.to_owned(),
+            log: log.to_owned(),
+            exit: None,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -121,7 +135,13 @@ impl ChildGuard {
         // SAFETY: kill(2) on our own child's pid; the child is not reaped yet (no exit status
         // was collected), so the pid cannot have been reused by another process.
         let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(sent, 0, "cannot send SIGTERM to {}: {}", self.name, io::Error::last_os_error());
+        assert_eq!(
+            sent,
+            0,
+            "cannot send SIGTERM to {}: {}",
+            self.name,
+            io::Error::last_os_error()
+        );
     }
 
     /// The exit status, if the process has exited.
@@ -162,7 +182,11 @@ impl Drop for ChildGuard {
             let _ = self.child.wait();
         }
         if thread::panicking() {
-            eprintln!("--- log of {} ---\n{}--- end of log ---", self.name, self.log_text());
+            eprintln!(
+                "--- log of {} ---\n{}--- end of log ---",
+                self.name,
+                self.log_text()
+            );
         }
     }
 }
@@ -228,9 +252,19 @@ impl TestServer {
                 let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
                 let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
                 let mut command = Command::new(SPECTER);
-                command.args(["testserver", "--port", &addr.port().to_string(), "--mode", mode]);
+                command.args([
+                    "testserver",
+                    "--port",
+                    &addr.port().to_string(),
+                    "--mode",
+                    mode,
+                ]);
                 let log = dir.join(format!("testserver-{mode}-{n}.log"));
-                TestServer { addr, mode, child: ChildGuard::spawn(&name, command, &log) }
+                TestServer {
+                    addr,
+                    mode,
+                    child: ChildGuard::spawn(&name, command, &log),
+                }
             },
             |server| &mut server.child,
             |server| {
@@ -290,7 +324,10 @@ impl ProxyConfig {
         for line in &self.specter_keys {
             yaml.push_str(&format!("  {line}\n"));
         }
-        yaml.push_str(&format!("store:\n  path: {}\napi:\n  listen: {api}\n", store.display()));
+        yaml.push_str(&format!(
+            "store:\n  path: {}\napi:\n  listen: {api}\n",
+            store.display()
+        ));
         for section in &self.sections {
             yaml.push_str(section);
             yaml.push('\n');
@@ -344,8 +381,11 @@ impl Specter {
     fn launch(&mut self, new_ports: bool) {
         let mut fresh = new_ports;
         let config = self.config.clone();
-        let (config_path, store_path, log) =
-            (self.config_path.clone(), self.store_path.clone(), self.log.clone());
+        let (config_path, store_path, log) = (
+            self.config_path.clone(),
+            self.store_path.clone(),
+            self.log.clone(),
+        );
         let client = self.client.clone();
         let (proxy, api, child) = start_with_retry(
             "specter proxy",
@@ -364,7 +404,11 @@ impl Specter {
                     .expect("write the config file");
                 let mut command = Command::new(SPECTER);
                 command.arg("proxy").arg("--config").arg(&config_path);
-                (proxy, api, ChildGuard::spawn("specter proxy", command, &log))
+                (
+                    proxy,
+                    api,
+                    ChildGuard::spawn("specter proxy", command, &log),
+                )
             },
             |(_, _, child)| child,
             |(proxy, api, _)| {
@@ -399,7 +443,11 @@ impl Specter {
     pub fn stop(&mut self) {
         self.terminate();
         let status = self.wait_exit(Duration::from_secs(15));
-        assert!(status.success(), "specter exited with {status} on SIGTERM:\n{}", self.log_text());
+        assert!(
+            status.success(),
+            "specter exited with {status} on SIGTERM:\n{}",
+            self.log_text()
+        );
     }
 
     pub fn log_text(&self) -> String {
@@ -414,11 +462,18 @@ impl Specter {
     /// GETs an admin API path and parses the JSON body, asserting a 200.
     pub fn api_json(&self, path_and_query: &str) -> Value {
         let url = format!("http://{}{path_and_query}", self.api);
-        let response = self.client.get(&url).send().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let response = self
+            .client
+            .get(&url)
+            .send()
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
         let status = response.status();
-        let body = response.text().unwrap_or_else(|e| panic!("GET {url} body: {e}"));
+        let body = response
+            .text()
+            .unwrap_or_else(|e| panic!("GET {url} body: {e}"));
         assert_eq!(status, 200, "GET {url} answered {status}: {body}");
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url} is not JSON ({e}): {body}"))
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("GET {url} is not JSON ({e}): {body}"))
     }
 
     pub fn stats(&self) -> Value {
@@ -427,17 +482,15 @@ impl Specter {
 
     /// Polls `/api/stats` until `done` holds, and returns those stats.
     pub fn wait_for_stats(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let mut last = Value::Null;
         let started = Instant::now();
         loop {
             let stats = self.stats();
             if done(&stats) {
                 return stats;
             }
-            last = stats;
             assert!(
                 started.elapsed() < SETTLE_DEADLINE,
-                "timed out after {SETTLE_DEADLINE:?} waiting for {what}; last stats:\n{last:#}"
+                "timed out after {SETTLE_DEADLINE:?} waiting for {what}; last stats:\n{stats:#}"
             );
             thread::sleep(POLL_INTERVAL);
         }
@@ -446,10 +499,17 @@ impl Specter {
     /// Polls `/api/divergences` (with `query`, e.g. `route=...`) until it lists `count` events.
     pub fn wait_for_divergences(&self, query: &str, count: usize) -> Vec<Value> {
         let path = format!("/api/divergences?limit=1000&{query}");
-        wait_until(&format!("{count} divergences from {path}"), SETTLE_DEADLINE, || {
-            let list = self.api_json(&path)["divergences"].as_array().cloned().unwrap_or_default();
-            (list.len() >= count).then_some(list)
-        })
+        wait_until(
+            &format!("{count} divergences from {path}"),
+            SETTLE_DEADLINE,
+            || {
+                let list = self.api_json(&path)["divergences"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                (list.len() >= count).then_some(list)
+            },
+        )
     }
 }
 
@@ -473,7 +533,10 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -503,7 +566,11 @@ impl FakeShadow {
                 }
             });
         }
-        Self { addr, requests, stop }
+        Self {
+            addr,
+            requests,
+            stop,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -526,10 +593,14 @@ impl Drop for FakeShadow {
 
 /// Serves one keep-alive connection of the fake shadow until the peer closes it.
 fn serve_recorded(stream: TcpStream, delay: Duration, requests: &Mutex<Vec<Recorded>>) {
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(stream);
     loop {
-        let Ok(Some(request)) = read_request(&mut reader) else { return };
+        let Ok(Some(request)) = read_request(&mut reader) else {
+            return;
+        };
         requests.lock().expect("fake shadow lock").push(request);
         thread::sleep(delay);
         let answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
@@ -553,7 +624,12 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Recorded>> {
     let length = header_value(&headers, "content-length").map_or(Ok(0), parse_length)?;
     let mut body = vec![0; length];
     reader.read_exact(&mut body)?;
-    Ok(Some(Recorded { method, target, headers, body }))
+    Ok(Some(Recorded {
+        method,
+        target,
+        headers,
+        body,
+    }))
 }
 
 fn read_headers(reader: &mut impl BufRead) -> io::Result<Vec<(String, String)>> {
@@ -561,7 +637,10 @@ fn read_headers(reader: &mut impl BufRead) -> io::Result<Vec<(String, String)>> 
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in head"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed in head",
+            ));
         }
         let line = line.trim_end_matches(['\r', '\n']);
         if line.is_empty() {
@@ -573,11 +652,16 @@ fn read_headers(reader: &mut impl BufRead) -> io::Result<Vec<(String, String)>> 
 }
 
 fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 fn parse_length(text: &str) -> io::Result<usize> {
-    text.trim().parse().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}")))
+    text.trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}")))
 }
 
 /// A response read off a raw socket.
@@ -599,11 +683,18 @@ impl RawResponse {
 /// requests no well-behaved client library would send.
 pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> RawResponse {
     let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("set read timeout");
-    stream.write_all(bytes).unwrap_or_else(|e| panic!("write to {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set read timeout");
+    stream
+        .write_all(bytes)
+        .unwrap_or_else(|e| panic!("write to {addr}: {e}"));
     let mut reader = BufReader::new(stream);
     read_response(&mut reader).unwrap_or_else(|e| {
-        panic!("no HTTP response from {addr} to {:?}: {e}", String::from_utf8_lossy(bytes))
+        panic!(
+            "no HTTP response from {addr} to {:?}: {e}",
+            String::from_utf8_lossy(bytes)
+        )
     })
 }
 
@@ -611,7 +702,10 @@ pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> RawResponse {
 fn read_response(reader: &mut impl BufRead) -> io::Result<RawResponse> {
     let mut status_line = String::new();
     if reader.read_line(&mut status_line)? == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed without a response"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed without a response",
+        ));
     }
     let status_line = status_line.trim_end().to_owned();
     let headers = read_headers(reader)?;
@@ -638,7 +732,11 @@ fn read_response(reader: &mut impl BufRead) -> io::Result<RawResponse> {
     } else {
         reader.read_to_end(&mut body)?;
     }
-    Ok(RawResponse { status_line, headers, body })
+    Ok(RawResponse {
+        status_line,
+        headers,
+        body,
+    })
 }
 
 /// Runs `specter proxy --config` on `yaml` and returns its exit status and stderr once it has
@@ -649,7 +747,11 @@ pub fn run_proxy_to_exit(dir: &Path, yaml: &str, deadline: Duration) -> (ExitSta
     std::fs::write(&config_path, yaml).expect("write the config file");
     let mut command = Command::new(SPECTER);
     command.arg("proxy").arg("--config").arg(&config_path);
-    let mut child = ChildGuard::spawn("specter proxy", command, &dir.join(format!("specter-{n}.log")));
+    let mut child = ChildGuard::spawn(
+        "specter proxy",
+        command,
+        &dir.join(format!("specter-{n}.log")),
+    );
     let status = child.wait_exit(deadline);
     (status, child.log_text())
 }

@@ -104,12 +104,47 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
 
     match path.as_str() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/metrics" => metrics(state).await,
         "/api/stats" => stats(state).await,
         "/api/divergences" => divergences(state, &query).await,
         _ => match path.strip_prefix("/api/divergences/") {
             Some(id) => divergence(state, id).await,
             None => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
         },
+    }
+}
+
+/// The Prometheus exposition; see [`crate::metrics`].
+async fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
+    // A store backend may take a lock or a connection to report its health; keep that off the
+    // async workers, as the other store reads are.
+    let store = state.store.clone();
+    let health = match tokio::task::spawn_blocking(move || store.health()).await {
+        Ok(health) => health,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("store health read failed: {e}"),
+            );
+        }
+    };
+    let sources = crate::metrics::Sources {
+        node: &state.node,
+        mode: state.mode,
+        profile: &state.profile,
+        capture: state.capture.as_ref().map(|view| view()),
+        store: health,
+    };
+    match crate::metrics::encode(&sources, &[]) {
+        Ok(text) => {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            response
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 

@@ -8,7 +8,8 @@
 //!
 //! Minimum kernel: 5.8 (BPF ring buffer); TCX needs 6.6.
 
-// WIP-GATE
+mod decode;
+pub mod ring;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -106,6 +107,7 @@ pub struct Attachment {
 pub struct Capture {
     pub attachment: Attachment,
     pub exclusions: Exclusions,
+    pub ring: ring::Ring,
     pub counters: CounterReader,
 }
 
@@ -234,6 +236,7 @@ impl Attachment {
         let counters = CounterReader {
             map: take_map(&mut ebpf, maps::COUNTERS)?,
         };
+        let ring = ring::Ring::new(take_map(&mut ebpf, maps::SEGMENTS)?, settings.ports.clone())?;
 
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         let mode = if tcx {
@@ -290,6 +293,7 @@ impl Attachment {
         Ok(Capture {
             attachment,
             exclusions,
+            ring,
             counters,
         })
     }

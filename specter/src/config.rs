@@ -44,6 +44,8 @@ pub struct Config {
     pub store: StoreSection,
     pub api: ApiSection,
     pub cluster: Option<ClusterSection>,
+    pub compare: CompareSection,
+    pub routes: RoutesSection,
 }
 
 /// Where traffic comes from and goes to.
@@ -56,6 +58,9 @@ pub struct SpecterSection {
     pub live_target: Option<String>,
     /// The candidate service requests are replayed to.
     pub shadow_target: Option<String>,
+    /// A second copy of the live version. When set, every mirrored request is replayed to it
+    /// too, and what differs between live and secondary is learned as noise.
+    pub secondary_target: Option<String>,
     /// Header whose value identifies a user; drives sampling and ownership.
     pub routing_key: Option<String>,
     /// How long the proxy waits for the live service to start answering.
@@ -75,6 +80,7 @@ impl Default for SpecterSection {
             listen: None,
             live_target: None,
             shadow_target: None,
+            secondary_target: None,
             routing_key: None,
             live_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
@@ -146,6 +152,8 @@ pub struct CaptureSection {
     pub idle_timeout: Duration,
     /// Attach mode: out-of-order bytes held per connection direction before declaring a gap.
     pub max_out_of_order_bytes: usize,
+    /// When set, one JSON line per captured exchange is written here (see docs/operations.md).
+    pub exchange_log: Option<PathBuf>,
 }
 
 impl Default for CaptureSection {
@@ -156,6 +164,7 @@ impl Default for CaptureSection {
             ring_bytes: 64 * 1024 * 1024,
             idle_timeout: Duration::from_secs(120),
             max_out_of_order_bytes: 1024 * 1024,
+            exchange_log: None,
         }
     }
 }
@@ -164,7 +173,10 @@ impl Default for CaptureSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreBackend {
+    /// One embedded file at `store.path`.
     Redb,
+    /// A PostgreSQL database at `store.postgres_dsn`, which several nodes may share.
+    Postgres,
 }
 
 /// Where divergence events and counters are kept.
@@ -172,9 +184,16 @@ pub enum StoreBackend {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
     pub backend: StoreBackend,
+    /// The redb file.
     pub path: PathBuf,
-    /// Events kept; the oldest are evicted beyond it.
+    /// The PostgreSQL connection string, e.g. "host=127.0.0.1 user=specter dbname=specter";
+    /// required when `backend` is `postgres`.
+    pub postgres_dsn: Option<String>,
+    /// Events kept per node; the oldest are evicted beyond it.
     pub max_events: u64,
+    /// When set, events older than this (by request time) are evicted too.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
 }
 
 impl Default for StoreSection {
@@ -182,7 +201,9 @@ impl Default for StoreSection {
         Self {
             backend: StoreBackend::Redb,
             path: PathBuf::from("./data/specter.redb"),
+            postgres_dsn: None,
             max_events: 100_000,
+            max_age: None,
         }
     }
 }
@@ -198,6 +219,115 @@ impl Default for ApiSection {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+/// How responses are compared, how noise is learned, and how the verdict is reached. See
+/// `docs/analysis.md` for what each key does to the figures.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompareSection {
+    /// Header names never compared because they differ between any two responses. Replaces
+    /// the default list (`compare::DEFAULT_VOLATILE_HEADERS`) when given.
+    pub volatile_headers: Vec<String>,
+    /// Headers whose comma-separated values are compared as a set, ignoring order.
+    pub set_headers: Vec<String>,
+    /// Differences never reported: a header name or a JSON path pattern, optionally only on
+    /// routes matching a pattern.
+    pub ignore: Vec<IgnoreRuleConfig>,
+    /// JSON arrays compared as multisets (order ignored), by path pattern.
+    pub unordered: Vec<UnorderedRuleConfig>,
+    /// Differences kept per exchange; the total found is kept too.
+    pub max_differences: usize,
+    /// Share of mirrored safe requests replayed to the shadow a second time to learn the
+    /// shadow's own noise (without a secondary target).
+    pub noise_sample_rate: f64,
+    /// Comparisons a route needs before its fields are classified and its verdict given.
+    pub min_samples: u64,
+    /// Noise comparisons a route needs (from one source) before its fields are classified.
+    pub min_noise_samples: u64,
+    /// How many standard errors a field's difference rate must stand above its noise rate to
+    /// be a divergence (one-sided two-proportion z-test).
+    pub noise_z: f64,
+    /// How far, at least, a field's difference rate must stand above its noise rate to be a
+    /// divergence, as a fraction.
+    pub noise_margin: f64,
+    /// The shadow is flagged slower on a route when its p90 latency exceeds the live p90 by
+    /// this factor.
+    pub latency_ratio: f64,
+    /// Fields tracked per route; differences on further fields are counted, never hidden.
+    pub max_fields_per_route: usize,
+    /// Memory for the last live response of each distinct safe request, used to learn live
+    /// noise from repeated requests.
+    pub live_noise_cache_bytes: usize,
+}
+
+impl Default for CompareSection {
+    fn default() -> Self {
+        Self {
+            volatile_headers: crate::compare::DEFAULT_VOLATILE_HEADERS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
+            set_headers: crate::compare::DEFAULT_SET_HEADERS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
+            ignore: Vec::new(),
+            unordered: Vec::new(),
+            max_differences: 100,
+            noise_sample_rate: 0.05,
+            min_samples: 100,
+            min_noise_samples: 20,
+            noise_z: 3.0,
+            noise_margin: 0.05,
+            latency_ratio: 1.2,
+            max_fields_per_route: 200,
+            live_noise_cache_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// One `compare.ignore` entry: exactly one of `header` and `path`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IgnoreRuleConfig {
+    /// A route pattern (`GET /users/*`); every route when absent.
+    pub route: Option<String>,
+    /// A header name, any case.
+    pub header: Option<String>,
+    /// A JSON Pointer pattern: `*` matches one token, `**` any number (`/items/*/updated_at`).
+    pub path: Option<String>,
+}
+
+/// One `compare.unordered` entry.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnorderedRuleConfig {
+    /// A route pattern; every route when absent.
+    pub route: Option<String>,
+    /// A JSON Pointer pattern naming arrays.
+    pub path: String,
+}
+
+/// How exchanges are grouped into routes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutesSection {
+    /// Route patterns tried before the automatic templates, first match wins:
+    /// `GET /users/{id}/avatar`, `* /static/**`.
+    pub patterns: Vec<String>,
+    /// Distinct literal values one path segment position may show before it is treated as a
+    /// variable (`{id}`).
+    pub max_segment_values: usize,
+}
+
+impl Default for RoutesSection {
+    fn default() -> Self {
+        Self {
+            patterns: Vec::new(),
+            max_segment_values: 100,
         }
     }
 }
@@ -266,6 +396,8 @@ pub struct Validated {
     pub config: Config,
     pub live: Option<Target>,
     pub shadow: Target,
+    /// `specter.secondary_target`, parsed.
+    pub secondary: Option<Target>,
     /// Upper-cased methods that are replayed.
     pub replay_methods: Vec<String>,
     /// The routing-key header, lower-cased.
@@ -332,6 +464,11 @@ impl Config {
             Some(url) => Some(Target::parse("specter.live_target", url, origin)?),
             None => None,
         };
+        let secondary = match &self.specter.secondary_target {
+            Some(url) => Some(Target::parse("specter.secondary_target", url, origin)?),
+            None => None,
+        };
+        self.validate_analysis(origin)?;
 
         let mut replay_methods = Vec::new();
         for method in &self.replay.methods {
@@ -379,6 +516,21 @@ impl Config {
         if self.store.max_events == 0 {
             return Err(invalid("store.max_events", "0".into(), "at least 1"));
         }
+        if self.store.max_age.is_some_and(|age| age.is_zero()) {
+            return Err(invalid(
+                "store.max_age",
+                "0s".into(),
+                "a duration above zero, or no key to keep events of any age",
+            ));
+        }
+        if self.store.backend == StoreBackend::Postgres && self.store.postgres_dsn.is_none() {
+            return Err(invalid(
+                "store.postgres_dsn",
+                "(missing)".into(),
+                "a PostgreSQL connection string like \"host=127.0.0.1 user=specter \
+                 dbname=specter\" when store.backend is postgres",
+            ));
+        }
 
         let routing_key = match &self.specter.routing_key {
             Some(name) if http::HeaderName::from_bytes(name.as_bytes()).is_err() => {
@@ -403,10 +555,133 @@ impl Config {
             config: self,
             live,
             shadow,
+            secondary,
             replay_methods,
             routing_key,
             node_name,
         })
+    }
+}
+
+impl Config {
+    /// Checks the `compare` and `routes` sections.
+    fn validate_analysis(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, value: String, expected: &str| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            value,
+            expected: expected.to_owned(),
+        };
+        let compare = &self.compare;
+
+        let fraction = |key: &str, value: f64| {
+            if (0.0..=1.0).contains(&value) {
+                Ok(())
+            } else {
+                Err(invalid(key, value.to_string(), "a number from 0.0 to 1.0"))
+            }
+        };
+        fraction("compare.noise_sample_rate", compare.noise_sample_rate)?;
+        if !(0.0..1.0).contains(&compare.noise_margin) {
+            return Err(invalid(
+                "compare.noise_margin",
+                compare.noise_margin.to_string(),
+                "a number from 0.0 up to (not including) 1.0",
+            ));
+        }
+        let positive = [
+            ("compare.max_differences", compare.max_differences as u64),
+            ("compare.min_samples", compare.min_samples),
+            ("compare.min_noise_samples", compare.min_noise_samples),
+            ("compare.max_fields_per_route", compare.max_fields_per_route as u64),
+            ("routes.max_segment_values", self.routes.max_segment_values as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "0".into(), "at least 1"));
+            }
+        }
+        if !(compare.noise_z.is_finite() && compare.noise_z > 0.0) {
+            return Err(invalid(
+                "compare.noise_z",
+                compare.noise_z.to_string(),
+                "a number above 0 (3.0 is about one false divergence in 700 per field)",
+            ));
+        }
+        if !(compare.latency_ratio.is_finite() && compare.latency_ratio >= 1.0) {
+            return Err(invalid(
+                "compare.latency_ratio",
+                compare.latency_ratio.to_string(),
+                "a number of at least 1.0 (1.2 flags a shadow 20% slower)",
+            ));
+        }
+
+        for (key, names) in [
+            ("compare.volatile_headers", &compare.volatile_headers),
+            ("compare.set_headers", &compare.set_headers),
+        ] {
+            if let Some(name) = names
+                .iter()
+                .find(|n| http::HeaderName::from_bytes(n.as_bytes()).is_err())
+            {
+                return Err(invalid(key, name.clone(), "header names"));
+            }
+        }
+
+        let route_pattern = |key: &str, text: &str| {
+            crate::profile::RoutePattern::parse(text).map_err(|reason| {
+                invalid(
+                    key,
+                    text.to_owned(),
+                    &format!("a route pattern like \"GET /users/{{id}}\" ({reason})"),
+                )
+            })
+        };
+        let path_pattern = |key: &str, text: &str| {
+            crate::compare::PathPattern::parse(text).map_err(|reason| {
+                invalid(
+                    key,
+                    text.to_owned(),
+                    &format!("a JSON Pointer pattern like \"/items/*/id\" ({reason})"),
+                )
+            })
+        };
+        for (i, rule) in compare.ignore.iter().enumerate() {
+            if let Some(route) = &rule.route {
+                route_pattern(&format!("compare.ignore[{i}].route"), route)?;
+            }
+            match (&rule.header, &rule.path) {
+                (Some(header), None) => {
+                    if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                        return Err(invalid(
+                            &format!("compare.ignore[{i}].header"),
+                            header.clone(),
+                            "a header name",
+                        ));
+                    }
+                }
+                (None, Some(path)) => {
+                    path_pattern(&format!("compare.ignore[{i}].path"), path)?;
+                }
+                _ => {
+                    return Err(invalid(
+                        &format!("compare.ignore[{i}]"),
+                        format!("header: {:?}, path: {:?}", rule.header, rule.path),
+                        "exactly one of `header` and `path`",
+                    ));
+                }
+            }
+        }
+        for (i, rule) in compare.unordered.iter().enumerate() {
+            if let Some(route) = &rule.route {
+                route_pattern(&format!("compare.unordered[{i}].route"), route)?;
+            }
+            path_pattern(&format!("compare.unordered[{i}].path"), &rule.path)?;
+        }
+        for (i, pattern) in self.routes.patterns.iter().enumerate() {
+            route_pattern(&format!("routes.patterns[{i}]"), pattern)?;
+        }
+        Ok(())
     }
 }
 

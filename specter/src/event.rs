@@ -16,7 +16,7 @@ pub enum Outcome {
 }
 
 /// Which part of the response a difference is in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiffKind {
     Status,
@@ -26,14 +26,37 @@ pub enum DiffKind {
 
 /// What the shadow did to the live value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum DiffOp {
     /// Present on the shadow only.
     Added,
     /// Present on the live side only.
     Removed,
-    /// Present on both sides with different values.
+    /// Present on both sides with different values of the same JSON type.
     Changed,
+    /// Present on both sides with values of different JSON types (a string where the live side
+    /// had a number, HTML where it had JSON).
+    TypeChanged,
+    /// The bodies could not be compared at all: one did not decode, or was too large once
+    /// decoded. Never taken for a match.
+    NotComparable,
+}
+
+/// How much a difference matters, most severe last so that `Ord` ranks them.
+///
+/// A changed status class (2xx to 5xx) comes first, then schema breaks (a field or header
+/// missing, a value whose type changed, a body that could not be compared), then changed
+/// values, then additions, which a client that ignores unknown fields never notices.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Addition,
+    #[default]
+    Value,
+    Schema,
+    Status,
 }
 
 /// One difference between the live and the shadow response.
@@ -50,6 +73,14 @@ pub struct Difference {
     /// The shadow value; absent when the shadow removed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<serde_json::Value>,
+    /// How much it matters; see [`Severity`].
+    #[serde(default)]
+    pub severity: Severity,
+    /// True when, as this exchange was judged, the field was classified as noise: it differs
+    /// as often between two answers of the same version as it does between live and shadow.
+    /// An exchange whose differences are all noise counts as matched.
+    #[serde(default)]
+    pub noise: bool,
 }
 
 /// A body as stored: text when it is UTF-8, base64 otherwise.
@@ -144,14 +175,24 @@ pub struct EventSummary {
     pub route: String,
     pub live_status: u16,
     pub shadow_status: Option<u16>,
+    /// Differences that count: those not classified as noise.
     pub differences: usize,
-    /// The first few difference paths, as `kind:path`.
+    /// Differences on fields classified as noise, stored but not counted.
+    #[serde(default)]
+    pub noise_differences: usize,
+    /// The most severe difference that counts; none for a match or a shadow error.
+    #[serde(default)]
+    pub severity: Option<Severity>,
+    /// The first few difference paths that count, most severe first, as `kind:path`.
     pub paths: Vec<String>,
     pub error: Option<String>,
 }
 
 impl Event {
     pub fn summary(&self) -> EventSummary {
+        let mut counted: Vec<&Difference> = self.differences.iter().filter(|d| !d.noise).collect();
+        // Stable, so differences of one severity keep the order compare found them in.
+        counted.sort_by(|a, b| b.severity.cmp(&a.severity));
         EventSummary {
             id: self.id,
             time_ms: self.time_ms,
@@ -161,9 +202,10 @@ impl Event {
             route: self.route.clone(),
             live_status: self.live.status,
             shadow_status: self.shadow.as_ref().map(|s| s.status),
-            differences: self.differences.len(),
-            paths: self
-                .differences
+            differences: counted.len(),
+            noise_differences: self.differences.len() - counted.len(),
+            severity: counted.first().map(|d| d.severity),
+            paths: counted
                 .iter()
                 .take(5)
                 .map(|d| format!("{}:{}", kind_name(d.kind), d.path))

@@ -10,10 +10,15 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use specter::{
     api::{self, ApiState, CaptureView},
+    capture::{
+        Attachment, Capture, CaptureSettings,
+        ring::{self, RingFigures},
+    },
     config::{Config, Validated},
-    pipeline::Pipeline,
+    pipeline::{ExchangeLog, Pipeline},
     profile::Profile,
     proxy::{self, ProxySettings},
+    reassembly::{Reassembler, ReassemblyConfig},
     replay::LocalEndpointHook,
     store, testserver,
 };
@@ -88,30 +93,22 @@ enum Command {
         bind: std::net::IpAddr,
     },
     /// Send a deterministic mix of requests to a test server (directly or through Specter).
-    Traffic {
-        /// Where to send: host:port.
-        #[arg(long)]
-        target: std::net::SocketAddr,
-        #[arg(long, default_value_t = 1000)]
-        requests: usize,
-        #[arg(long, default_value_t = 8)]
-        connections: usize,
-        #[arg(long, default_value_t = 50)]
-        users: usize,
-        /// Include POST uploads in the mix.
-        #[arg(long)]
-        uploads: bool,
-        /// Write one JSON line per exchange made to this file.
-        #[arg(long)]
-        log: Option<PathBuf>,
-    },
+    Traffic(specter::traffic::TrafficArgs),
     /// Load every eBPF program through the kernel's verifier and report the result.
     CheckEbpf,
+    /// Open the terminal dashboard on a running Specter's admin API.
+    Tui {
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        api: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The dashboard owns the terminal: a log line on stderr would tear its screen.
+    if !matches!(cli.command, Some(Command::Tui { .. })) {
+        init_logging(cli.log_format);
+    }
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -134,6 +131,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         (Some(Command::Proxy { config }), None, None) | (None, Some(Mode::Proxy), Some(config)) => {
             run_proxy(Config::load(&config)?).await
         }
+        (
+            Some(Command::Attach {
+                iface,
+                config,
+                ports,
+                no_fallback,
+            }),
+            None,
+            None,
+        ) => run_attach(Config::load(&config)?, iface, ports, no_fallback).await,
         (Some(Command::CheckConfig { config }), None, None) => {
             let validated = Config::load(&config)?;
             println!("{:#?}", validated.config);
@@ -146,34 +153,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             testserver::serve(listener, mode, shutdown_signal()).await?;
             Ok(())
         }
-        (
-            Some(Command::Traffic {
-                target,
-                requests,
-                connections,
-                users,
-                uploads,
-                log,
-            }),
-            None,
-            None,
-        ) => {
-            let plan = specter::traffic::Plan {
-                addr: target,
-                host: target.to_string(),
-                requests,
-                connections,
-                users,
-                uploads,
-                log,
-            };
-            let summary = specter::traffic::run(plan).await?;
+        (Some(Command::Traffic(args)), None, None) => {
+            let summary = specter::traffic::run(args.plan()).await?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
         (Some(Command::CheckEbpf), None, None) => {
             let (_ebpf, loaded) = specter::capture::load_all()?;
             println!("loaded: {}", loaded.join(", "));
+            Ok(())
+        }
+        (Some(Command::Tui { api }), None, None) => {
+            // A blocking loop with its own poller runtime: keep it off the async workers.
+            tokio::task::spawn_blocking(move || specter::tui::run(api)).await??;
             Ok(())
         }
         (None, None, _) => anyhow::bail!("nothing to do: give a subcommand or --mode (see --help)"),
@@ -207,6 +199,146 @@ async fn run_proxy(config: Validated) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Attach mode: eBPF capture on `iface`, or proxy mode when eBPF cannot be used.
+async fn run_attach(
+    config: Validated,
+    iface: String,
+    extra_ports: Vec<u16>,
+    no_fallback: bool,
+) -> anyhow::Result<()> {
+    let settings = &config.config;
+    let mut ports = settings.capture.ports.clone();
+    ports.extend(extra_ports);
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.is_empty() {
+        anyhow::bail!("no live port to capture: set capture.ports in the config or pass --port");
+    }
+    let capture_settings = CaptureSettings {
+        iface: iface.clone(),
+        ports,
+        ring_bytes: settings.capture.ring_bytes,
+    };
+
+    let capture = match Attachment::attach(&capture_settings) {
+        Ok(capture) => capture,
+        Err(cause) if no_fallback => {
+            anyhow::bail!("cannot capture on {iface}: {cause} (--no-fallback given)")
+        }
+        Err(cause) => {
+            let Ok((listen, _)) = config.proxy_endpoints() else {
+                anyhow::bail!(
+                    "cannot capture on {iface}: {cause}; and proxy mode cannot take over \
+                     because the config lacks specter.listen or specter.live_target"
+                );
+            };
+            warn!(%iface, %cause, %listen, "eBPF capture unavailable; falling back to proxy mode");
+            return run_proxy(config).await;
+        }
+    };
+    let Capture {
+        attachment,
+        exclusions,
+        ring,
+        counters,
+    } = capture;
+
+    // Specter's own replays never count as live traffic, even to a shadow on the same port.
+    let exclusions = Arc::new(exclusions);
+    let hook: LocalEndpointHook = Arc::new(move |local, open| {
+        if open {
+            exclusions.add(local)
+        } else {
+            exclusions.remove(local)
+        }
+    });
+
+    let figures = Arc::new(Mutex::new(RingFigures::default()));
+    let capture_view: CaptureView = {
+        let figures = figures.clone();
+        let mode = attachment.mode();
+        let iface = attachment.iface().to_owned();
+        Arc::new(move || {
+            capture_json(
+                &iface,
+                mode,
+                &counters.read(),
+                &figures.lock().unwrap_or_else(|p| p.into_inner()),
+            )
+        })
+    };
+    let stages = Stages::start(&config, "attach", Some(hook), Some(capture_view)).await?;
+
+    let reassembler = Reassembler::new(ReassemblyConfig {
+        max_body_bytes: settings.capture.max_body_bytes,
+        max_out_of_order_bytes: settings.capture.max_out_of_order_bytes,
+        idle_timeout: settings.capture.idle_timeout,
+        routing_key: config.routing_key.clone(),
+        wall_clock_at_zero: ring::wall_clock_at_zero(),
+        ..ReassemblyConfig::default()
+    });
+    // The ring is read on a thread of its own, so replays and API requests never delay it.
+    let pipeline = stages.pipeline();
+    let (stop_capture, capture_stopped) = tokio::sync::oneshot::channel::<()>();
+    let capture_thread = std::thread::Builder::new()
+        .name("specter-capture".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(ring::run(
+                ring,
+                reassembler,
+                move |exchange| pipeline.submit(exchange),
+                figures,
+                async move {
+                    let _ = capture_stopped.await;
+                },
+            ))
+        })
+        .context("cannot start the capture thread")?;
+
+    shutdown_signal().await;
+    let _ = stop_capture.send(());
+    match tokio::task::spawn_blocking(move || capture_thread.join()).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => warn!(%error, "Reading the capture ring failed"),
+        _ => warn!("The capture thread ended abnormally"),
+    }
+
+    stages.stop(settings.specter.drain_timeout).await;
+    drop(attachment);
+    Ok(())
+}
+
+/// The capture object of `/api/stats`.
+fn capture_json(
+    iface: &str,
+    mode: specter::capture::AttachMode,
+    kernel: &specter::capture::KernelCounters,
+    ring: &RingFigures,
+) -> serde_json::Value {
+    let r = &ring.reassembly;
+    serde_json::json!({
+        "iface": iface,
+        "attach_mode": mode,
+        "packets": kernel.packets_copied,
+        "bytes": kernel.bytes_copied,
+        "ring_drops": kernel.ring_drops,
+        "truncated": kernel.truncated,
+        "out_of_order": r.out_of_order,
+        "retransmits": r.retransmits,
+        "gaps": r.gaps,
+        "parse_errors": r.parse_errors,
+        "connections_open": r.connections_open,
+        "exchanges_incomplete": r.exchanges_incomplete,
+        "upgrades_skipped": r.upgrades_skipped,
+        "non_http_skipped": r.non_http_skipped,
+        "http2_skipped": r.http2_skipped,
+        "own_traffic_skipped": kernel.own_traffic,
+        "fragments_skipped": kernel.fragments,
+        "decode_errors": ring.decode_errors,
+    })
+}
+
 /// The stages every capture source feeds: store, profile, pipeline and the admin API.
 struct Stages {
     running: specter::pipeline::Running,
@@ -222,7 +354,7 @@ impl Stages {
         capture: Option<CaptureView>,
     ) -> anyhow::Result<Self> {
         let settings = &config.config;
-        let store = store::open(&settings.store)?;
+        let store = store::open(&settings.store, &config.node_name)?;
         let profile = match store.load_profile() {
             Ok(Some(bytes)) => Profile::restore(&bytes).unwrap_or_else(|error| {
                 warn!(%error, "Stored profile unreadable; counters start from zero");
@@ -236,7 +368,13 @@ impl Stages {
         };
         let api_listener = api::bind(settings.api.listen).await?;
 
-        let running = Pipeline::start(config, store.clone(), Arc::new(profile), hook);
+        let exchange_log = match &settings.capture.exchange_log {
+            Some(path) => Some(ExchangeLog::create(path).with_context(|| {
+                format!("cannot create capture.exchange_log {}", path.display())
+            })?),
+            None => None,
+        };
+        let running = Pipeline::start(config, store.clone(), Arc::new(profile), hook, exchange_log);
         let (stop_api, stop_rx) = watch::channel(false);
         let state = ApiState {
             node: config.node_name.clone(),

@@ -8,7 +8,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc as std_mpsc,
     },
@@ -17,15 +17,22 @@ use std::{
 };
 
 use tokio::{sync::mpsc, task::JoinSet};
+
+mod exchange_log;
+
+pub use exchange_log::ExchangeLog;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::{
-    compare::{self, CompareOptions},
+    compare::{
+        self, CompareOptions, Context, Side,
+        noise::{self, LiveNoiseCache, NoiseRule, NoiseSource},
+    },
     config::Validated,
     event::{Event, Outcome, StoredResponse},
-    exchange::{Exchange, Quality},
-    profile::{self, Profile, Tally},
-    replay::{LocalEndpointHook, ShadowClient},
+    exchange::{Exchange, Quality, Response},
+    profile::{Mirrored, NoiseLearning, Profile, RoutePattern, RouteTemplates, Settings, Tally},
+    replay::{LocalEndpointHook, ReplayError, ShadowClient, ShadowResponse},
     store::Store,
 };
 
@@ -78,6 +85,13 @@ enum Record {
 struct Shared {
     profile: Arc<Profile>,
     shadow: ShadowClient,
+    /// `specter.secondary_target`: a second copy of the live version, replayed to with the
+    /// shadow so that what differs between live and secondary is learned as noise.
+    secondary: Option<ShadowClient>,
+    /// Without a secondary: the share of safe requests replayed to the shadow twice.
+    noise_sample_rate: f64,
+    /// Without a secondary: the last live answer of each distinct safe request.
+    live_noise: Option<Mutex<LiveNoiseCache>>,
     compare: CompareOptions,
     store_matched: bool,
     next_id: AtomicU64,
@@ -93,6 +107,7 @@ pub struct Pipeline {
     closing: Arc<AtomicBool>,
     sampler: Sampler,
     replay_methods: Arc<[String]>,
+    exchange_log: Option<Arc<ExchangeLog>>,
     shared: Arc<Shared>,
 }
 
@@ -113,6 +128,7 @@ impl Pipeline {
         store: Arc<dyn Store>,
         profile: Arc<Profile>,
         hook: Option<LocalEndpointHook>,
+        exchange_log: Option<ExchangeLog>,
     ) -> Running {
         let replay = &config.config.replay;
         let shadow = ShadowClient::new(
@@ -120,8 +136,19 @@ impl Pipeline {
             replay.preserve_host,
             replay.timeout,
             config.config.capture.max_body_bytes,
-            hook,
+            hook.clone(),
         );
+        // The secondary's connections are Specter's own too, so passive capture must skip them.
+        let secondary = config.secondary.clone().map(|target| {
+            ShadowClient::new(
+                target,
+                replay.preserve_host,
+                replay.timeout,
+                config.config.capture.max_body_bytes,
+                hook,
+            )
+        });
+        configure_analysis(config, &profile);
         let next_id = store.next_id().unwrap_or_else(|error| {
             warn!(%error, "Cannot read the next event id from the store; starting at 1");
             1
@@ -136,10 +163,26 @@ impl Pipeline {
                 .expect("spawn recorder thread")
         };
 
+        let compare_section = &config.config.compare;
+        let learn_from_traffic = secondary.is_none();
         let shared = Arc::new(Shared {
             profile,
             shadow,
-            compare: CompareOptions::default(),
+            secondary,
+            noise_sample_rate: if learn_from_traffic {
+                compare_section.noise_sample_rate
+            } else {
+                0.0
+            },
+            live_noise: learn_from_traffic.then(|| {
+                Mutex::new(LiveNoiseCache::new(compare_section.live_noise_cache_bytes))
+            }),
+            compare: CompareOptions::from_config(
+                compare_section,
+                config.live.as_ref(),
+                &config.shadow,
+                config.secondary.as_ref(),
+            ),
             store_matched: !config.config.sampling.divergence_only,
             next_id: AtomicU64::new(next_id),
             node: config.node_name.clone(),
@@ -161,6 +204,7 @@ impl Pipeline {
             closing: Arc::new(AtomicBool::new(false)),
             sampler: Sampler::new(config.config.sampling.rate),
             replay_methods: config.replay_methods.clone().into(),
+            exchange_log: exchange_log.map(Arc::new),
             shared,
         };
         Running {
@@ -178,6 +222,11 @@ impl Pipeline {
     pub fn submit(&self, exchange: Exchange) {
         let profile = &self.shared.profile;
         profile.tally(Tally::Seen);
+        if let Some(log) = &self.exchange_log
+            && !log.record(&exchange)
+        {
+            profile.tally(Tally::LogDropped);
+        }
 
         match exchange.quality {
             Quality::Complete => {}
@@ -245,6 +294,8 @@ impl Running {
             self.workers.abort_all();
         }
 
+        // The log's writer finishes once the last pipeline clone lets go of it.
+        self.pipeline.exchange_log = None;
         let recorder_queue = self.pipeline.shared.recorder.clone();
         let recorder = self.recorder;
         let _ = tokio::task::spawn_blocking(move || recorder_queue.send(Record::Stop)).await;
@@ -261,10 +312,44 @@ async fn run_lane(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
     }
 }
 
-/// Replays one exchange, compares the answers and records the outcome.
+/// Hands the `compare` and `routes` settings of the config to the profile.
+fn configure_analysis(config: &Validated, profile: &Profile) {
+    let compare = &config.config.compare;
+    let noise_learning = if config.secondary.is_some() {
+        NoiseLearning::Secondary
+    } else if compare.noise_sample_rate > 0.0 {
+        NoiseLearning::Learned
+    } else {
+        NoiseLearning::Off
+    };
+    let settings = Settings {
+        noise_rule: NoiseRule {
+            min_samples: compare.min_samples,
+            min_noise_samples: compare.min_noise_samples,
+            z: compare.noise_z,
+            margin: compare.noise_margin,
+        },
+        noise_learning,
+        latency_ratio: compare.latency_ratio,
+        max_fields_per_route: compare.max_fields_per_route,
+    };
+    // Validation already parsed every pattern, so none is dropped here.
+    let patterns = config
+        .config
+        .routes
+        .patterns
+        .iter()
+        .filter_map(|p| RoutePattern::parse(p).ok())
+        .collect();
+    let templates = RouteTemplates::new(patterns, config.config.routes.max_segment_values);
+    info!(?noise_learning, "Divergence analysis configured");
+    profile.configure(settings, templates);
+}
+
+/// Replays one exchange, compares the answers, records the outcome, and learns noise.
 async fn mirror(shared: &Shared, exchange: Exchange) {
     let request = &exchange.request;
-    let route = profile::route_of(&request.method, request.path());
+    let route = shared.profile.route(&request.method, request.path());
     let live = StoredResponse::from_response(&exchange.response, exchange.timing.live_latency);
     let time_ms = exchange
         .timing
@@ -272,68 +357,180 @@ async fn mirror(shared: &Shared, exchange: Exchange) {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    let context = Context {
+        route: &route,
+        request_host: request.headers.get_str("host"),
+        sides: (Side::Live, Side::Shadow),
+    };
 
-    let (outcome, shadow, differences, error, shadow_latency) =
-        match shared.shadow.replay(request).await {
-            Ok(answer) => {
-                let differences =
-                    compare::compare(&exchange.response, &answer.response, &shared.compare);
-                let outcome = if differences.is_empty() {
-                    Outcome::Matched
-                } else {
-                    Outcome::Diverged
-                };
-                let shadow = StoredResponse::from_response(&answer.response, answer.latency);
-                (
-                    outcome,
-                    Some(shadow),
-                    differences,
-                    None,
-                    Some(answer.latency),
-                )
-            }
-            Err(error) => {
-                debug!(%error, target = %request.target, "Shadow replay failed");
-                (
-                    Outcome::ShadowError,
-                    None,
-                    Vec::new(),
-                    Some(error.to_string()),
-                    None,
-                )
-            }
-        };
+    // The secondary answers at the same moment as the shadow, so live against secondary
+    // measures noise under the conditions live against shadow is measured in.
+    let (primary, secondary) = match &shared.secondary {
+        Some(secondary) => {
+            let (primary, secondary) =
+                tokio::join!(shared.shadow.replay(request), secondary.replay(request));
+            (primary, Some(secondary))
+        }
+        None => (shared.shadow.replay(request).await, None),
+    };
 
-    shared.profile.record(
-        &route,
+    let (outcome, comparison, error) = match &primary {
+        Ok(answer) => {
+            let mut comparison =
+                compare::compare_exchange(&context, &exchange.response, &answer.response, &shared.compare);
+            let outcome = shared.profile.judge(&route, &mut comparison.differences);
+            (outcome, comparison, None)
+        }
+        Err(error) => {
+            debug!(%error, target = %request.target, "Shadow replay failed");
+            (
+                Outcome::ShadowError,
+                compare::Comparison::default(),
+                Some(error.to_string()),
+            )
+        }
+    };
+    let answer = primary.as_ref().ok();
+
+    let stored = outcome != Outcome::Matched || shared.store_matched;
+    let event_id = stored.then(|| shared.next_id.fetch_add(1, Ordering::Relaxed));
+    shared.profile.record_mirrored(&Mirrored {
+        route: &route,
         outcome,
-        exchange.timing.live_latency,
-        shadow_latency,
-    );
-    if outcome == Outcome::Matched && !shared.store_matched {
+        live_status: exchange.response.status,
+        shadow_status: answer.map(|a| a.response.status),
+        live_latency: exchange.timing.live_latency,
+        shadow_latency: answer.map(|a| a.latency),
+        differences: &comparison.differences,
+        event_id,
+    });
+
+    if let Some(id) = event_id {
+        let event = Event {
+            id,
+            time_ms,
+            node: shared.node.clone(),
+            outcome,
+            method: request.method.clone(),
+            target: request.target.clone(),
+            route: route.clone(),
+            routing_key: exchange.routing_key.clone(),
+            live,
+            shadow: answer.map(|a| StoredResponse::from_response(&a.response, a.latency)),
+            differences: comparison.into_stored(),
+            error,
+        };
+        if shared
+            .recorder
+            .try_send(Record::Event(Box::new(event)))
+            .is_err()
+        {
+            shared.profile.tally(Tally::StoreDropped);
+        }
+    }
+
+    match secondary {
+        Some(secondary) => learn_from_secondary(shared, &context, &exchange.response, secondary),
+        None => learn_from_traffic(shared, &context, &exchange, answer).await,
+    }
+}
+
+/// Live against secondary: two answers of the live version, so whatever differs is noise.
+fn learn_from_secondary(
+    shared: &Shared,
+    context: &Context<'_>,
+    live: &Response,
+    secondary: Result<ShadowResponse, ReplayError>,
+) {
+    let context = Context {
+        sides: (Side::Live, Side::Secondary),
+        ..*context
+    };
+    match secondary {
+        Ok(answer) => {
+            let comparison =
+                compare::compare_exchange(&context, live, &answer.response, &shared.compare);
+            shared.profile.record_noise(
+                context.route,
+                NoiseSource::Secondary,
+                Some(&comparison.differences),
+            );
+        }
+        Err(error) => {
+            debug!(%error, "Secondary replay failed");
+            shared
+                .profile
+                .record_noise(context.route, NoiseSource::Secondary, None);
+        }
+    }
+}
+
+/// Without a secondary: a sample of safe requests is replayed to the shadow a second time, and
+/// every safe request is compared with the last live answer to the same request.
+async fn learn_from_traffic(
+    shared: &Shared,
+    context: &Context<'_>,
+    exchange: &Exchange,
+    first_answer: Option<&ShadowResponse>,
+) {
+    let request = &exchange.request;
+    if !noise::is_safe_method(&request.method) {
         return;
     }
 
-    let event = Event {
-        id: shared.next_id.fetch_add(1, Ordering::Relaxed),
-        time_ms,
-        node: shared.node.clone(),
-        outcome,
-        method: request.method.clone(),
-        target: request.target.clone(),
-        route,
-        routing_key: exchange.routing_key.clone(),
-        live,
-        shadow,
-        differences,
-        error,
-    };
-    if shared
-        .recorder
-        .try_send(Record::Event(Box::new(event)))
-        .is_err()
+    if let Some(first) = first_answer
+        && shared.noise_sample_rate > 0.0
+        && rand::random::<f64>() < shared.noise_sample_rate
     {
-        shared.profile.tally(Tally::StoreDropped);
+        let again = Context {
+            sides: (Side::Shadow, Side::Shadow),
+            ..*context
+        };
+        match shared.shadow.replay(request).await {
+            Ok(second) => {
+                let comparison = compare::compare_exchange(
+                    &again,
+                    &first.response,
+                    &second.response,
+                    &shared.compare,
+                );
+                shared.profile.record_noise(
+                    context.route,
+                    NoiseSource::Shadow,
+                    Some(&comparison.differences),
+                );
+            }
+            Err(error) => {
+                debug!(%error, "Second shadow replay for noise learning failed");
+                shared
+                    .profile
+                    .record_noise(context.route, NoiseSource::Shadow, None);
+            }
+        }
+    }
+
+    let Some(cache) = &shared.live_noise else {
+        return;
+    };
+    let Some(key) = LiveNoiseCache::key(request) else {
+        return;
+    };
+    let previous = cache
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .swap(key, &exchange.response);
+    if let Some(previous) = previous {
+        let repeat = Context {
+            sides: (Side::Live, Side::Live),
+            ..*context
+        };
+        let comparison =
+            compare::compare_exchange(&repeat, &previous, &exchange.response, &shared.compare);
+        shared.profile.record_noise(
+            context.route,
+            NoiseSource::Live,
+            Some(&comparison.differences),
+        );
     }
 }
 
@@ -384,6 +581,10 @@ fn run_recorder(store: Arc<dyn Store>, profile: Arc<Profile>, records: std_mpsc:
             batch.clear();
         }
         if stop {
+            // A backend that writes in the background gets a last chance to finish.
+            if let Err(error) = store.flush(Duration::from_secs(10)) {
+                warn!(%error, "Store could not write everything before shutdown");
+            }
             break;
         }
     }

@@ -1,10 +1,13 @@
-//! The statistical profile: counters, latency histograms and per-route figures.
+//! The statistical profile: counters, latency histograms and per-route figures, the field
+//! tables noise learning judges, and the verdict.
 //!
 //! The pipeline updates the profile for every exchange it sees; the API reads snapshots of it;
-//! the store persists snapshots so the figures survive a restart.
+//! the store persists snapshots so the figures survive a restart. Every counter is kept per
+//! route ([`route`] names them). The field tables ([`fields`]) are kept in memory only: after
+//! a restart noise is learned again (see `docs/analysis.md`).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -17,7 +20,23 @@ use hdrhistogram::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::event::Outcome;
+use crate::{
+    compare::noise::{self, Classification, NoiseRule, NoiseSource},
+    event::{Difference, Outcome, Severity},
+};
+
+mod fields;
+mod route;
+mod verdict;
+
+pub use fields::{FieldReport, NoiseCounts, SourceCounts};
+pub use route::{ID_SEGMENT, RoutePattern, RouteTemplates, is_id_like, route_of};
+pub use verdict::{
+    Criteria, DEFAULT_MIN_MATCH_RATE, Decision, LATENCY_FLOOR_MS, RouteVerdict, Verdict,
+    shadow_slower,
+};
+
+use fields::{Budget, RouteAnalysis};
 
 /// Routes beyond this many are counted under [`OTHER_ROUTE`], so memory stays bounded.
 pub const MAX_ROUTES: usize = 1000;
@@ -26,6 +45,27 @@ pub const OTHER_ROUTE: &str = "other";
 
 /// Latencies are recorded in microseconds, from 1 µs to one hour, to 3 significant figures.
 const HIST_MAX_MICROS: u64 = 3_600_000_000;
+
+/// Per-route latency histograms keep 2 significant figures: a percentile within 1% is plenty
+/// for comparing two services, and it keeps each histogram near 13 KiB, so a thousand routes
+/// fit in a few tens of megabytes.
+const ROUTE_HIST_SIGFIG: u8 = 2;
+
+/// Live-against-shadow combinations (live status, shadow status) kept per route; past it a new
+/// combination is not tabled (the counters still count the exchange).
+const MAX_STATUS_PAIRS: usize = 64;
+
+/// Fields tracked over all routes, whatever `compare.max_fields_per_route` allows.
+const MAX_FIELDS_TOTAL: usize = 100_000;
+
+/// Latencies each side needs on a route before its latency ratio is judged.
+const MIN_LATENCY_SAMPLES: u64 = 20;
+
+/// Fields listed per route in `/api/routes`, of each kind (diverging, noisy).
+const TOP_FIELDS: usize = 5;
+
+/// The z of a 95% interval.
+const Z_95: f64 = 1.959_964;
 
 #[derive(Debug, Error)]
 pub enum ProfileError {
@@ -59,6 +99,16 @@ pub struct Counters {
     pub live_errors: u64,
     /// Events not stored because the store could not keep up or failed.
     pub store_dropped: u64,
+    /// Lines not written to `capture.exchange_log` because its writer could not keep up.
+    #[serde(default)]
+    pub exchange_log_dropped: u64,
+    /// Extra replays sent to learn noise (to the secondary, or a second time to the shadow).
+    /// They are not mirrored exchanges and count in no other counter.
+    #[serde(default)]
+    pub noise_replays: u64,
+    /// Noise comparisons made: answers that should have been equal, compared to learn noise.
+    #[serde(default)]
+    pub noise_comparisons: u64,
 }
 
 /// Figures for one route.
@@ -81,13 +131,103 @@ pub enum Tally {
     ShadowDropped,
     LiveError,
     StoreDropped,
+    LogDropped,
+}
+
+/// How noise is learned, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseLearning {
+    /// From `specter.secondary_target`.
+    Secondary,
+    /// From traffic: double replays to the shadow and repeated live requests.
+    Learned,
+    /// Neither: every difference counts.
+    Off,
+}
+
+/// The analysis settings, from the `compare` config section.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub noise_rule: NoiseRule,
+    pub noise_learning: NoiseLearning,
+    /// `compare.latency_ratio`.
+    pub latency_ratio: f64,
+    pub max_fields_per_route: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            noise_rule: NoiseRule::default(),
+            noise_learning: NoiseLearning::Learned,
+            latency_ratio: 1.2,
+            max_fields_per_route: 200,
+        }
+    }
+}
+
+/// Per-route figures beyond the counters, persisted with them.
+#[derive(Debug, Clone)]
+struct RouteDetail {
+    live_latency: Histogram<u32>,
+    shadow_latency: Histogram<u32>,
+    /// (live status, shadow status or `None` for a shadow error) to exchanges.
+    statuses: BTreeMap<(u16, Option<u16>), u64>,
+    noise_replays: u64,
+}
+
+impl Default for RouteDetail {
+    fn default() -> Self {
+        Self {
+            live_latency: new_route_histogram(),
+            shadow_latency: new_route_histogram(),
+            statuses: BTreeMap::new(),
+            noise_replays: 0,
+        }
+    }
+}
+
+impl RouteDetail {
+    fn merge(&mut self, other: RouteDetail) {
+        // Both histograms have the same bounds, so adding cannot fail.
+        let _ = self.live_latency.add(&other.live_latency);
+        let _ = self.shadow_latency.add(&other.shadow_latency);
+        for (pair, count) in other.statuses {
+            *self.statuses.entry(pair).or_default() += count;
+        }
+        self.noise_replays += other.noise_replays;
+    }
 }
 
 struct State {
     counters: Counters,
     routes: BTreeMap<String, RouteCounters>,
+    details: HashMap<String, RouteDetail>,
+    analysis: HashMap<String, RouteAnalysis>,
+    /// Fields tracked over all routes.
+    fields_total: usize,
+    templates: RouteTemplates,
+    settings: Settings,
     live_latency: Histogram<u64>,
     shadow_latency: Histogram<u64>,
+}
+
+/// One mirrored exchange, as the pipeline reports it to [`Profile::record_mirrored`].
+#[derive(Debug, Clone, Copy)]
+pub struct Mirrored<'a> {
+    pub route: &'a str,
+    pub outcome: Outcome,
+    pub live_status: u16,
+    /// `None` for a shadow error.
+    pub shadow_status: Option<u16>,
+    pub live_latency: Duration,
+    pub shadow_latency: Option<Duration>,
+    /// Every live-against-shadow difference, noise ones included, without the truncation
+    /// marker.
+    pub differences: &'a [Difference],
+    /// The id of the stored event, when one was stored.
+    pub event_id: Option<u64>,
 }
 
 /// The profile, shared by the pipeline stages and the API.
@@ -122,6 +262,87 @@ pub struct RouteView {
     #[serde(flatten)]
     pub counters: RouteCounters,
     pub match_rate: Option<f64>,
+    /// The 95% Wilson interval of the match rate.
+    pub match_rate_ci: Option<[f64; 2]>,
+    /// Shadow p90 over live p90 on this route.
+    pub latency_ratio: Option<f64>,
+    /// The shadow is slower than `compare.latency_ratio` allows (see `docs/analysis.md`).
+    pub shadow_slower: bool,
+}
+
+/// Everything the profile knows about one route, as `GET /api/routes` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteReport {
+    #[serde(flatten)]
+    pub view: RouteView,
+    pub latency: RouteLatency,
+    pub noise_replays: u64,
+    /// Noise comparisons of the route, per source.
+    pub noise_samples: NoiseSamples,
+    /// Exchanges by live status, then by shadow status (`error` for a shadow error).
+    pub status_matrix: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The most severe difference on a field that counts (diverging or pending).
+    pub worst_severity: Option<Severity>,
+    pub fields: FieldTally,
+    /// The diverging (and pending) fields, most severe and most frequent first.
+    pub top_fields: Vec<FieldReport>,
+    /// The noisy fields, listed apart with their rates, noisiest first.
+    pub noisy_fields: Vec<FieldReport>,
+}
+
+/// Latency percentiles of one route.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct RouteLatency {
+    pub live: Percentiles,
+    pub shadow: Percentiles,
+}
+
+/// Noise comparisons per source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct NoiseSamples {
+    pub secondary: u64,
+    pub shadow: u64,
+    pub live: u64,
+}
+
+/// How many fields of a route are in each class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FieldTally {
+    pub divergence: u64,
+    pub noise: u64,
+    pub pending: u64,
+    /// Differences on fields past `compare.max_fields_per_route`; they always count.
+    pub untracked_differences: u64,
+}
+
+/// The fields of one route, as `GET /api/routes/{route}/fields` shows them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteFields {
+    pub route: String,
+    pub compared: u64,
+    pub noise_samples: NoiseSamples,
+    pub noise_learning: NoiseLearning,
+    pub fields: Vec<FieldReport>,
+}
+
+/// The live and shadow latency histograms folded onto fixed bounds, for the Prometheus
+/// exposition (see [`Profile::latency_buckets`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencyBuckets {
+    pub live: Buckets,
+    pub shadow: Buckets,
+}
+
+/// One latency histogram folded onto fixed bounds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Buckets {
+    /// For each bound, in order, how many latencies were at or below it (cumulative).
+    pub cumulative: Vec<u64>,
+    /// Every latency recorded, including those above the last bound.
+    pub count: u64,
+    /// The sum of the latencies in seconds, approximated as mean × count: the HDR histogram
+    /// keeps values to 3 significant figures, not their exact sum.
+    pub sum_seconds: f64,
 }
 
 /// The persisted form of the profile.
@@ -132,6 +353,18 @@ struct Snapshot {
     /// HDR V2 serialisation, base64.
     live_latency: String,
     shadow_latency: String,
+    #[serde(default)]
+    route_details: BTreeMap<String, DetailSnapshot>,
+}
+
+/// The persisted form of a [`RouteDetail`].
+#[derive(Serialize, Deserialize)]
+struct DetailSnapshot {
+    live_latency: String,
+    shadow_latency: String,
+    /// (live status, shadow status, exchanges).
+    statuses: Vec<(u16, Option<u16>, u64)>,
+    noise_replays: u64,
 }
 
 impl Default for Profile {
@@ -146,6 +379,11 @@ impl Profile {
             state: Mutex::new(State {
                 counters: Counters::default(),
                 routes: BTreeMap::new(),
+                details: HashMap::new(),
+                analysis: HashMap::new(),
+                fields_total: 0,
+                templates: RouteTemplates::new(Vec::new(), 100),
+                settings: Settings::default(),
                 live_latency: new_histogram(),
                 shadow_latency: new_histogram(),
             }),
@@ -163,8 +401,46 @@ impl Profile {
             state.routes = snapshot.routes;
             state.live_latency = decode_histogram(&snapshot.live_latency)?;
             state.shadow_latency = decode_histogram(&snapshot.shadow_latency)?;
+            for (route, detail) in snapshot.route_details {
+                let restored = RouteDetail {
+                    live_latency: decode_histogram(&detail.live_latency)?,
+                    shadow_latency: decode_histogram(&detail.shadow_latency)?,
+                    statuses: detail
+                        .statuses
+                        .into_iter()
+                        .map(|(live, shadow, count)| ((live, shadow), count))
+                        .collect(),
+                    noise_replays: detail.noise_replays,
+                };
+                state.details.insert(route, restored);
+            }
         }
         Ok(profile)
+    }
+
+    /// Applies the analysis settings and the route patterns of the config. Called once when
+    /// the pipeline starts, before the first exchange; routes named by a restored snapshot
+    /// keep their names.
+    pub fn configure(&self, settings: Settings, templates: RouteTemplates) {
+        let mut state = self.lock();
+        state.settings = settings;
+        state.templates = templates;
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.lock().settings
+    }
+
+    /// The route of an exchange: a configured pattern, or the learned template. When this
+    /// path turns a segment position into a variable, the routes named with a literal there
+    /// are merged into the template.
+    pub fn route(&self, method: &str, path: &str) -> String {
+        let mut state = self.lock();
+        let routed = state.templates.route(method, path);
+        if routed.saturated {
+            state.rename_routes();
+        }
+        routed.route
     }
 
     /// Serialises the profile for the store.
@@ -175,6 +451,23 @@ impl Profile {
             routes: state.routes.clone(),
             live_latency: encode_histogram(&state.live_latency),
             shadow_latency: encode_histogram(&state.shadow_latency),
+            route_details: state
+                .details
+                .iter()
+                .map(|(route, detail)| {
+                    let snapshot = DetailSnapshot {
+                        live_latency: encode_histogram(&detail.live_latency),
+                        shadow_latency: encode_histogram(&detail.shadow_latency),
+                        statuses: detail
+                            .statuses
+                            .iter()
+                            .map(|(&(live, shadow), &count)| (live, shadow, count))
+                            .collect(),
+                        noise_replays: detail.noise_replays,
+                    };
+                    (route.clone(), snapshot)
+                })
+                .collect(),
         };
         serde_json::to_vec(&snapshot).expect("profile snapshot serialises")
     }
@@ -196,10 +489,11 @@ impl Profile {
             Tally::ShadowDropped => c.shadow_dropped += 1,
             Tally::LiveError => c.live_errors += 1,
             Tally::StoreDropped => c.store_dropped += 1,
+            Tally::LogDropped => c.exchange_log_dropped += 1,
         }
     }
 
-    /// Records the outcome of one mirrored exchange.
+    /// Records the outcome of one mirrored exchange, without statuses or differences.
     pub fn record(
         &self,
         route: &str,
@@ -207,36 +501,138 @@ impl Profile {
         live_latency: Duration,
         shadow_latency: Option<Duration>,
     ) {
-        let mut state = self.lock();
+        self.lock().record(
+            route,
+            outcome,
+            None,
+            live_latency,
+            shadow_latency.map(|latency| (None, latency)),
+        );
+    }
 
-        state.counters.mirrored += 1;
-        match outcome {
-            Outcome::Matched => state.counters.matched += 1,
-            Outcome::Diverged => state.counters.diverged += 1,
-            Outcome::ShadowError => state.counters.shadow_errors += 1,
+    /// Classifies the field of each live-against-shadow difference from the evidence so far,
+    /// marks those on noise fields, and says whether the exchange matched: it did when every
+    /// difference is noise. Changes no counter; [`Profile::record_mirrored`] does.
+    pub fn judge(&self, route: &str, differences: &mut [Difference]) -> Outcome {
+        let state = self.lock();
+        let route = state.resolve(route);
+        let expected = state.noise_expected(&route);
+        let rule = state.settings.noise_rule;
+        let analysis = state.analysis.get(&route);
+
+        let mut diverged = false;
+        for difference in differences.iter_mut() {
+            let classification = match analysis {
+                Some(analysis) => analysis.judge(difference, &rule, expected).classification,
+                None => noise::classify(
+                    &rule,
+                    &noise::Evidence {
+                        noise_expected: expected,
+                        ..noise::Evidence::default()
+                    },
+                )
+                .classification,
+            };
+            difference.noise = classification == Classification::Noise;
+            diverged |= !difference.noise;
         }
-
-        let route = if state.routes.contains_key(route) || state.routes.len() < MAX_ROUTES {
-            route
+        if diverged {
+            Outcome::Diverged
         } else {
-            OTHER_ROUTE
-        };
-        let figures = state.routes.entry(route.to_owned()).or_default();
-        figures.mirrored += 1;
-        match outcome {
-            Outcome::Matched => figures.matched += 1,
-            Outcome::Diverged => figures.diverged += 1,
-            Outcome::ShadowError => figures.shadow_errors += 1,
+            Outcome::Matched
+        }
+    }
+
+    /// Records one mirrored exchange: its outcome, statuses, latencies, and (when the shadow
+    /// answered) the fields that differed.
+    pub fn record_mirrored(&self, mirrored: &Mirrored<'_>) {
+        let mut state = self.lock();
+        let route = state.record(
+            mirrored.route,
+            mirrored.outcome,
+            Some(mirrored.live_status),
+            mirrored.live_latency,
+            mirrored
+                .shadow_latency
+                .map(|latency| (mirrored.shadow_status, latency)),
+        );
+        if mirrored.outcome == Outcome::ShadowError {
+            return;
         }
 
-        state.live_latency.saturating_record(micros(live_latency));
-        if let Some(latency) = shadow_latency {
-            state.shadow_latency.saturating_record(micros(latency));
+        let State {
+            analysis,
+            fields_total,
+            settings,
+            ..
+        } = &mut *state;
+        let mut budget = Budget {
+            per_route: settings.max_fields_per_route,
+            total: fields_total,
+            max_total: MAX_FIELDS_TOTAL,
+        };
+        let counted_in = mirrored
+            .event_id
+            .filter(|_| mirrored.outcome == Outcome::Diverged);
+        analysis.entry(route).or_default().record_compared(
+            mirrored.differences,
+            counted_in,
+            &mut budget,
+        );
+    }
+
+    /// Records one noise comparison on `route` from `source`: the differences between two
+    /// answers that should have been equal. `None` when the extra replay it needed failed.
+    pub fn record_noise(
+        &self,
+        route: &str,
+        source: NoiseSource,
+        differences: Option<&[Difference]>,
+    ) {
+        let mut state = self.lock();
+        let route = state.resolve(route);
+        let replayed = source != NoiseSource::Live;
+        if replayed {
+            state.counters.noise_replays += 1;
+            state.details.entry(route.clone()).or_default().noise_replays += 1;
         }
+        let Some(differences) = differences else {
+            return;
+        };
+        state.counters.noise_comparisons += 1;
+
+        let State {
+            analysis,
+            fields_total,
+            settings,
+            ..
+        } = &mut *state;
+        let mut budget = Budget {
+            per_route: settings.max_fields_per_route,
+            total: fields_total,
+            max_total: MAX_FIELDS_TOTAL,
+        };
+        analysis
+            .entry(route)
+            .or_default()
+            .record_noise(source, differences, &mut budget);
     }
 
     pub fn counters(&self) -> Counters {
         self.lock().counters
+    }
+
+    /// Folds both latency histograms onto `bounds` (seconds, ascending), computed from the HDR
+    /// histograms at call time so recording an exchange costs nothing more.
+    ///
+    /// A latency counts as at or below a bound when its HDR bucket is; the HDR histogram holds
+    /// 3 significant figures, so a latency within 0.1% of a bound may fall on either side.
+    pub fn latency_buckets(&self, bounds: &[f64]) -> LatencyBuckets {
+        let state = self.lock();
+        LatencyBuckets {
+            live: fold(&state.live_latency, bounds),
+            shadow: fold(&state.shadow_latency, bounds),
+        }
     }
 
     pub fn view(&self) -> View {
@@ -250,12 +646,93 @@ impl Profile {
             routes: state
                 .routes
                 .iter()
-                .map(|(route, figures)| RouteView {
-                    route: route.clone(),
-                    counters: *figures,
-                    match_rate: rate(figures.matched, figures.diverged),
-                })
+                .map(|(route, figures)| state.route_view(route, figures))
                 .collect(),
+        }
+    }
+
+    /// Every route with all its figures.
+    pub fn route_reports(&self) -> Vec<RouteReport> {
+        let state = self.lock();
+        state
+            .routes
+            .iter()
+            .map(|(route, figures)| state.route_report(route, figures))
+            .collect()
+    }
+
+    /// One route with all its figures; `None` for a route never seen.
+    pub fn route_report(&self, route: &str) -> Option<RouteReport> {
+        let state = self.lock();
+        let figures = state.routes.get(route)?;
+        Some(state.route_report(route, figures))
+    }
+
+    /// The fields of one route with their classification; `None` for a route never seen.
+    pub fn route_fields(&self, route: &str) -> Option<RouteFields> {
+        let state = self.lock();
+        if !state.routes.contains_key(route) && !state.analysis.contains_key(route) {
+            return None;
+        }
+        let analysis = state.analysis.get(route).cloned().unwrap_or_default();
+        Some(RouteFields {
+            route: route.to_owned(),
+            compared: analysis.compared,
+            noise_samples: noise_samples(&analysis),
+            noise_learning: state.settings.noise_learning,
+            fields: analysis.reports(
+                &state.settings.noise_rule,
+                state.noise_expected(route),
+            ),
+        })
+    }
+
+    /// The criteria the verdict uses when a caller gives none.
+    pub fn default_criteria(&self) -> Criteria {
+        let settings = self.settings();
+        Criteria {
+            min_match_rate: DEFAULT_MIN_MATCH_RATE,
+            min_samples: settings.noise_rule.min_samples,
+            max_latency_ratio: settings.latency_ratio,
+        }
+    }
+
+    /// The verdict on every route and overall.
+    pub fn verdict(&self, criteria: &Criteria) -> Verdict {
+        let state = self.lock();
+        let routes: Vec<RouteVerdict> = state
+            .routes
+            .iter()
+            .map(|(route, figures)| {
+                let detail = state.details.get(route);
+                let p90_ms = detail.and_then(|d| {
+                    let enough = |h: &Histogram<u32>| h.len() >= MIN_LATENCY_SAMPLES;
+                    (enough(&d.shadow_latency) && enough(&d.live_latency)).then(|| {
+                        (
+                            percentiles(&d.shadow_latency).p90_ms,
+                            percentiles(&d.live_latency).p90_ms,
+                        )
+                    })
+                });
+                verdict::judge_route(
+                    &verdict::RouteFigures {
+                        route,
+                        mirrored: figures.mirrored,
+                        matched: figures.matched,
+                        diverged: figures.diverged,
+                        shadow_errors: figures.shadow_errors,
+                        match_rate_ci: match_rate_ci(figures),
+                        pending_fields: state.field_tally(route).pending,
+                        p90_ms,
+                    },
+                    criteria,
+                )
+            })
+            .collect();
+        Verdict {
+            verdict: verdict::overall(&routes),
+            criteria: *criteria,
+            routes,
         }
     }
 
@@ -265,6 +742,214 @@ impl Profile {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+impl State {
+    /// The name a route is counted under: renamed if its segments became variables since,
+    /// and folded into [`OTHER_ROUTE`] once [`MAX_ROUTES`] exist.
+    fn resolve(&self, route: &str) -> String {
+        let route = self.templates.canonical(route);
+        if self.routes.contains_key(&route) || self.routes.len() < MAX_ROUTES {
+            route
+        } else {
+            OTHER_ROUTE.to_owned()
+        }
+    }
+
+    /// Counts one mirrored exchange; returns the route it was counted under.
+    fn record(
+        &mut self,
+        route: &str,
+        outcome: Outcome,
+        live_status: Option<u16>,
+        live_latency: Duration,
+        shadow: Option<(Option<u16>, Duration)>,
+    ) -> String {
+        let route = self.resolve(route);
+
+        self.counters.mirrored += 1;
+        match outcome {
+            Outcome::Matched => self.counters.matched += 1,
+            Outcome::Diverged => self.counters.diverged += 1,
+            Outcome::ShadowError => self.counters.shadow_errors += 1,
+        }
+
+        let figures = self.routes.entry(route.clone()).or_default();
+        figures.mirrored += 1;
+        match outcome {
+            Outcome::Matched => figures.matched += 1,
+            Outcome::Diverged => figures.diverged += 1,
+            Outcome::ShadowError => figures.shadow_errors += 1,
+        }
+
+        self.live_latency.saturating_record(micros(live_latency));
+        if let Some((_, latency)) = shadow {
+            self.shadow_latency.saturating_record(micros(latency));
+        }
+
+        let detail = self.details.entry(route.clone()).or_default();
+        detail.live_latency.saturating_record(micros(live_latency));
+        if let Some((_, latency)) = shadow {
+            detail.shadow_latency.saturating_record(micros(latency));
+        }
+        if let Some(live_status) = live_status {
+            let shadow_status = shadow.and_then(|(status, _)| status);
+            let pair = (live_status, shadow_status);
+            if detail.statuses.len() < MAX_STATUS_PAIRS || detail.statuses.contains_key(&pair) {
+                *detail.statuses.entry(pair).or_default() += 1;
+            }
+        }
+        route
+    }
+
+    /// After a segment position became a variable: every route named with a literal there
+    /// takes the template's name, merging with the route already under that name.
+    fn rename_routes(&mut self) {
+        let renames: Vec<(String, String)> = self
+            .routes
+            .keys()
+            .chain(self.analysis.keys())
+            .chain(self.details.keys())
+            .filter_map(|route| {
+                let canonical = self.templates.canonical(route);
+                (canonical != *route).then(|| (route.clone(), canonical))
+            })
+            .collect();
+        for (from, to) in renames {
+            if let Some(counters) = self.routes.remove(&from) {
+                let into = self.routes.entry(to.clone()).or_default();
+                into.mirrored += counters.mirrored;
+                into.matched += counters.matched;
+                into.diverged += counters.diverged;
+                into.shadow_errors += counters.shadow_errors;
+            }
+            if let Some(detail) = self.details.remove(&from) {
+                self.details.entry(to.clone()).or_default().merge(detail);
+            }
+            if let Some(analysis) = self.analysis.remove(&from) {
+                self.analysis.entry(to).or_default().merge(analysis);
+            }
+        }
+        self.fields_total = self.analysis.values().map(RouteAnalysis::field_count).sum();
+    }
+
+    /// True when some noise source can apply to the route, so its fields wait for noise
+    /// evidence before they are classified: with a secondary, any route; when learning from
+    /// traffic, routes of safe methods (only they are replayed twice or compared on repeat).
+    fn noise_expected(&self, route: &str) -> bool {
+        match self.settings.noise_learning {
+            NoiseLearning::Off => false,
+            NoiseLearning::Secondary => true,
+            NoiseLearning::Learned => route
+                .split_once(' ')
+                .is_some_and(|(method, _)| noise::is_safe_method(method)),
+        }
+    }
+
+    fn route_view(&self, route: &str, figures: &RouteCounters) -> RouteView {
+        let detail = self.details.get(route);
+        let (latency_ratio, shadow_slower) = detail
+            .map(|d| latency_comparison(d, self.settings.latency_ratio))
+            .unwrap_or((None, false));
+        RouteView {
+            route: route.to_owned(),
+            counters: *figures,
+            match_rate: rate(figures.matched, figures.diverged),
+            match_rate_ci: match_rate_ci(figures),
+            latency_ratio,
+            shadow_slower,
+        }
+    }
+
+    fn route_report(&self, route: &str, figures: &RouteCounters) -> RouteReport {
+        let detail = self.details.get(route).cloned().unwrap_or_default();
+        let analysis = self.analysis.get(route);
+        let reports = analysis
+            .map(|a| a.reports(&self.settings.noise_rule, self.noise_expected(route)))
+            .unwrap_or_default();
+
+        let mut status_matrix: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (&(live, shadow), &count) in &detail.statuses {
+            let shadow = shadow.map_or_else(|| "error".to_owned(), |s| s.to_string());
+            *status_matrix
+                .entry(live.to_string())
+                .or_default()
+                .entry(shadow)
+                .or_default() += count;
+        }
+
+        let counted = |r: &&FieldReport| r.classification != Classification::Noise;
+        RouteReport {
+            view: self.route_view(route, figures),
+            latency: RouteLatency {
+                live: percentiles(&detail.live_latency),
+                shadow: percentiles(&detail.shadow_latency),
+            },
+            noise_replays: detail.noise_replays,
+            noise_samples: analysis.map(noise_samples).unwrap_or_default(),
+            status_matrix,
+            worst_severity: reports.iter().filter(counted).filter_map(|r| r.severity).max(),
+            fields: self.field_tally(route),
+            top_fields: reports.iter().filter(counted).take(TOP_FIELDS).cloned().collect(),
+            noisy_fields: reports
+                .iter()
+                .filter(|r| r.classification == Classification::Noise)
+                .take(TOP_FIELDS)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    fn field_tally(&self, route: &str) -> FieldTally {
+        let Some(analysis) = self.analysis.get(route) else {
+            return FieldTally::default();
+        };
+        let mut tally = FieldTally {
+            untracked_differences: analysis.untracked,
+            ..FieldTally::default()
+        };
+        for report in analysis.reports(&self.settings.noise_rule, self.noise_expected(route)) {
+            match report.classification {
+                Classification::Divergence => tally.divergence += 1,
+                Classification::Noise => tally.noise += 1,
+                Classification::Pending => tally.pending += 1,
+            }
+        }
+        tally
+    }
+}
+
+fn noise_samples(analysis: &RouteAnalysis) -> NoiseSamples {
+    let at = |source: NoiseSource| analysis.noise_trials[source.index()];
+    NoiseSamples {
+        secondary: at(NoiseSource::Secondary),
+        shadow: at(NoiseSource::Shadow),
+        live: at(NoiseSource::Live),
+    }
+}
+
+/// Shadow p90 over live p90, and whether that makes the shadow slower than `allowed`: only
+/// with [`MIN_LATENCY_SAMPLES`] on each side, and beyond [`LATENCY_FLOOR_MS`].
+fn latency_comparison(detail: &RouteDetail, allowed: f64) -> (Option<f64>, bool) {
+    let (live, shadow) = (
+        percentiles(&detail.live_latency),
+        percentiles(&detail.shadow_latency),
+    );
+    if live.count == 0 || shadow.count == 0 || live.p90_ms <= 0.0 {
+        return (None, false);
+    }
+    let ratio = shadow.p90_ms / live.p90_ms;
+    let enough = live.count >= MIN_LATENCY_SAMPLES && shadow.count >= MIN_LATENCY_SAMPLES;
+    (
+        Some(ratio),
+        enough && shadow_slower(shadow.p90_ms, live.p90_ms, allowed),
+    )
+}
+
+/// The 95% Wilson interval of a route's match rate.
+fn match_rate_ci(figures: &RouteCounters) -> Option<[f64; 2]> {
+    noise::wilson_interval(figures.matched, figures.matched + figures.diverged, Z_95)
+        .map(|(low, high)| [low, high])
 }
 
 /// matched / (matched + diverged), or none before the first comparison.
@@ -277,13 +962,18 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, HIST_MAX_MICROS, 3).expect("histogram bounds are valid")
 }
 
+fn new_route_histogram() -> Histogram<u32> {
+    Histogram::new_with_bounds(1, HIST_MAX_MICROS, ROUTE_HIST_SIGFIG)
+        .expect("histogram bounds are valid")
+}
+
 fn micros(latency: Duration) -> u64 {
     u64::try_from(latency.as_micros())
         .unwrap_or(u64::MAX)
         .clamp(1, HIST_MAX_MICROS)
 }
 
-fn percentiles(hist: &Histogram<u64>) -> Percentiles {
+fn percentiles<T: hdrhistogram::Counter>(hist: &Histogram<T>) -> Percentiles {
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     if hist.is_empty() {
         return Percentiles::default();
@@ -296,7 +986,31 @@ fn percentiles(hist: &Histogram<u64>) -> Percentiles {
     }
 }
 
-fn encode_histogram(hist: &Histogram<u64>) -> String {
+fn fold(hist: &Histogram<u64>, bounds: &[f64]) -> Buckets {
+    let count = hist.len();
+    let cumulative = bounds
+        .iter()
+        .map(|&seconds| {
+            // Latencies are recorded in whole microseconds from 1 µs, so a bound below that
+            // holds nothing, and one past the histogram's range holds everything.
+            let bound = (seconds * 1e6).floor();
+            if bound < 1.0 {
+                0
+            } else if bound >= HIST_MAX_MICROS as f64 {
+                count
+            } else {
+                hist.count_between(0, bound as u64)
+            }
+        })
+        .collect();
+    Buckets {
+        cumulative,
+        count,
+        sum_seconds: hist.mean() * count as f64 / 1e6,
+    }
+}
+
+fn encode_histogram<T: hdrhistogram::Counter>(hist: &Histogram<T>) -> String {
     let mut buf = Vec::new();
     V2Serializer::new()
         .serialize(hist, &mut buf)
@@ -304,45 +1018,13 @@ fn encode_histogram(hist: &Histogram<u64>) -> String {
     base64::engine::general_purpose::STANDARD.encode(buf)
 }
 
-fn decode_histogram(text: &str) -> Result<Histogram<u64>, ProfileError> {
+fn decode_histogram<T: hdrhistogram::Counter>(text: &str) -> Result<Histogram<T>, ProfileError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(text)
         .map_err(|e| ProfileError::Histogram(e.to_string()))?;
     Deserializer::new()
         .deserialize(&mut bytes.as_slice())
         .map_err(|e| ProfileError::Histogram(format!("{e:?}")))
-}
-
-/// The route an exchange belongs to: the method and the path with id-like segments replaced
-/// by `{id}`, so `/users/123` and `/users/456` are one route.
-pub fn route_of(method: &str, path: &str) -> String {
-    let mut route = String::with_capacity(method.len() + path.len() + 1);
-    route.push_str(method);
-    route.push(' ');
-    if path.is_empty() || path == "/" {
-        route.push('/');
-        return route;
-    }
-    for segment in path.split('/').skip(1) {
-        route.push('/');
-        if is_id_like(segment) {
-            route.push_str("{id}");
-        } else {
-            route.push_str(segment);
-        }
-    }
-    route
-}
-
-fn is_id_like(segment: &str) -> bool {
-    let numeric = !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit());
-    let uuid = segment.len() == 36
-        && segment.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        });
-    let long_hex = segment.len() >= 16 && segment.bytes().all(|b| b.is_ascii_hexdigit());
-    numeric || uuid || long_hex
 }
 
 #[cfg(test)]

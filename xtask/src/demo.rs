@@ -1,46 +1,34 @@
 //! `cargo xtask demo`: Specter end to end on its own demo setup.
 //!
-//! Starts the test server twice (live and shadow), Specter in proxy mode in front of the live
-//! one, sends a traffic mix through it and prints the divergence summary from the admin API.
+//! Passive mode (the default, as root): a server host and a client host in network namespaces
+//! joined by a veth pair. The server runs the test server as the live service and again as the
+//! shadow, and `specter attach` on its veth; the client host runs the traffic generator against
+//! the live service. Nothing on the live path knows Specter is there.
+//!
+//! Proxy mode (`--proxy`, no root needed): the same test servers on loopback with Specter as a
+//! reverse proxy in front of the live one.
+//!
+//! Either way it ends with the divergence summary from the admin API.
 
 use std::{
     net::{SocketAddr, TcpListener},
     path::Path,
-    process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-/// A child process that is stopped with SIGTERM (then killed) when dropped.
-struct Process {
-    name: &'static str,
-    child: Child,
-}
+use crate::hosts::{self, Hosts, Process, in_netns, wait_until};
 
-impl Drop for Process {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) with a pid we own; failure only means it already exited.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!(
-            "xtask: {} did not stop after SIGTERM; killing it",
-            self.name
+pub fn run(root: &Path, requests: usize, proxy: bool) -> anyhow::Result<()> {
+    if !proxy && !hosts::is_root() {
+        bail!(
+            "the demo attaches eBPF programs and creates network namespaces, which needs root: \
+             run `sudo -E cargo xtask demo`, or `cargo xtask demo --proxy` for the inline mode"
         );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
-}
-
-pub fn run(root: &Path, requests: usize) -> anyhow::Result<()> {
     crate::run(
         Command::new("cargo")
             .current_dir(root)
@@ -51,6 +39,124 @@ pub fn run(root: &Path, requests: usize) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
 
+    if proxy {
+        run_proxy(&specter, &dir, requests)
+    } else {
+        run_attach(&specter, &dir, requests)
+    }
+}
+
+fn run_attach(specter: &Path, dir: &Path, requests: usize) -> anyhow::Result<()> {
+    let hosts = Hosts::create("spdemo")?;
+    let live_addr = format!("{}:8080", hosts.server_ip);
+    let config = dir.join("specter.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "specter:\n  shadow_target: http://127.0.0.1:8081\n  routing_key: X-User-ID\n\
+             capture:\n  ports: [8080]\n\
+             store:\n  path: {}\napi:\n  listen: 127.0.0.1:9090\n",
+            dir.join("specter.redb").display()
+        ),
+    )?;
+
+    let server = hosts.server.clone();
+    let args = |mode: &'static str, port: &'static str, bind: &'static str| {
+        ["testserver", "--port", port, "--mode", mode, "--bind", bind]
+    };
+    let _live = hosts.spawn(
+        &server,
+        "live",
+        specter,
+        &args("live", "8080", "0.0.0.0"),
+        &dir.join("live.log"),
+    )?;
+    let _shadow = hosts.spawn(
+        &server,
+        "shadow",
+        specter,
+        &args("shadow", "8081", "127.0.0.1"),
+        &dir.join("shadow.log"),
+    )?;
+    let mut attached = hosts.spawn(
+        &server,
+        "specter",
+        specter,
+        &[
+            "attach",
+            "--iface",
+            &hosts.server_if,
+            "--config",
+            config.to_str().unwrap(),
+            "--no-fallback",
+        ],
+        &dir.join("specter.log"),
+    )?;
+    let api = "127.0.0.1:9090";
+    wait_until("specter attach to serve its API", || {
+        attached.check_running().is_ok()
+            && get_in(&server, &format!("http://{api}/healthz")).is_ok()
+    })
+    .with_context(|| log_tail(&dir.join("specter.log")))?;
+    attached
+        .check_running()
+        .with_context(|| log_tail(&dir.join("specter.log")))?;
+
+    println!("Demo (passive capture): live service {live_addr} on host {server}");
+    println!(
+        "  specter attach on {} (TC eBPF), shadow on the server's 127.0.0.1:8081",
+        hosts.server_if
+    );
+    println!(
+        "  client host {} runs the traffic generator; logs in {}",
+        hosts.client,
+        dir.display()
+    );
+
+    let output = Command::new("ip")
+        .args(["netns", "exec", &hosts.client])
+        .arg(specter)
+        .args([
+            "traffic",
+            "--target",
+            &live_addr,
+            "--requests",
+            &requests.to_string(),
+        ])
+        .args([
+            "--connections",
+            "24",
+            "--users",
+            "200",
+            "--mix",
+            "full",
+            "--max-body-bytes",
+            "262144",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run the traffic generator")?;
+    if !output.status.success() {
+        bail!("the traffic generator failed; see above");
+    }
+    let sent: Value = serde_json::from_slice(&output.stdout)?;
+    let sent_count = sent["sent"].as_u64().unwrap_or(0);
+    println!(
+        "Client made {sent_count} exchanges with the live service in {} ms ({} pipelined, {} with \
+         Expect: 100-continue)",
+        sent["elapsed_ms"], sent["pipelined"], sent["expect_continue"]
+    );
+
+    let stats_url = format!("http://{api}/api/stats");
+    wait_until("every captured exchange to be mirrored or counted", || {
+        get_in(&server, &stats_url).is_ok_and(|stats| settled(&stats, sent_count))
+    })?;
+    print_summary(&get_in(&server, &stats_url)?, api);
+    drop(attached);
+    Ok(())
+}
+
+fn run_proxy(specter: &Path, dir: &Path, requests: usize) -> anyhow::Result<()> {
     let [live, shadow, proxy, api] = free_ports()?;
     let config = dir.join("specter.yaml");
     std::fs::write(
@@ -62,18 +168,12 @@ pub fn run(root: &Path, requests: usize) -> anyhow::Result<()> {
             dir.join("specter.redb").display()
         ),
     )?;
-
-    let log = |name: &str| -> anyhow::Result<Stdio> {
-        Ok(std::fs::File::create(dir.join(format!("{name}.log")))?.into())
-    };
-    let spawn = |name: &'static str, args: &[&str]| -> anyhow::Result<Process> {
-        let child = Command::new(&specter)
-            .args(args)
-            .stdout(log(name)?)
-            .stderr(log(name)?)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        Ok(Process { name, child })
+    let spawn = |name: &'static str, args: &[&str]| {
+        Process::spawn(
+            name,
+            Command::new(specter).args(args),
+            &dir.join(format!("{name}.log")),
+        )
     };
     let _live = spawn(
         "live",
@@ -95,10 +195,7 @@ pub fn run(root: &Path, requests: usize) -> anyhow::Result<()> {
             "shadow",
         ],
     )?;
-    let specter_process = spawn(
-        "specter",
-        &["proxy", "--config", &config.display().to_string()],
-    )?;
+    let specter_process = spawn("specter", &["proxy", "--config", config.to_str().unwrap()])?;
 
     wait_until("the live test server", || {
         get(&format!("http://{live}/whoami")).is_ok()
@@ -109,10 +206,12 @@ pub fn run(root: &Path, requests: usize) -> anyhow::Result<()> {
     wait_until("specter's admin API", || {
         get(&format!("http://{api}/healthz")).is_ok()
     })?;
-    println!("Demo: live {live}, shadow {shadow}, specter proxy {proxy}, admin API {api}");
+    println!(
+        "Demo (proxy mode): live {live}, shadow {shadow}, specter proxy {proxy}, admin API {api}"
+    );
     println!("Logs and config in {}", dir.display());
 
-    let output = Command::new(&specter)
+    let output = Command::new(specter)
         .args([
             "traffic",
             "--target",
@@ -134,29 +233,29 @@ pub fn run(root: &Path, requests: usize) -> anyhow::Result<()> {
         sent["elapsed_ms"]
     );
 
-    // Replays finish shortly after the last client response.
     let stats_url = format!("http://{api}/api/stats");
     wait_until("every exchange to be mirrored or counted", || {
-        let Ok(stats) = get(&stats_url) else {
-            return false;
-        };
-        let e = &stats["exchanges"];
-        let n = |k: &str| e[k].as_u64().unwrap_or(0);
-        let accounted = n("mirrored")
-            + n("sampled_out")
-            + n("skipped_unsafe")
-            + n("truncated")
-            + n("incomplete")
-            + n("shadow_dropped");
-        n("seen") >= sent_count && accounted >= n("seen")
+        get(&stats_url).is_ok_and(|stats| settled(&stats, sent_count))
     })?;
-
-    print_summary(&get(&stats_url)?, &api);
+    print_summary(&get(&stats_url)?, &api.to_string());
     drop(specter_process);
     Ok(())
 }
 
-fn print_summary(stats: &Value, api: &SocketAddr) {
+/// Every exchange the client made has been seen and has an outcome or a reason.
+fn settled(stats: &Value, sent: u64) -> bool {
+    let e = &stats["exchanges"];
+    let n = |k: &str| e[k].as_u64().unwrap_or(0);
+    let accounted = n("mirrored")
+        + n("sampled_out")
+        + n("skipped_unsafe")
+        + n("truncated")
+        + n("incomplete")
+        + n("shadow_dropped");
+    n("seen") >= sent && accounted >= n("seen")
+}
+
+fn print_summary(stats: &Value, api: &str) {
     let e = &stats["exchanges"];
     println!();
     println!("== Specter divergence summary ==");
@@ -182,6 +281,17 @@ fn print_summary(stats: &Value, api: &SocketAddr) {
         latency["shadow"]["p50_ms"],
         latency["shadow"]["p99_ms"]
     );
+    let capture = &stats["capture"];
+    if capture.is_object() {
+        println!(
+            "capture: {} packets, {} bytes, ring drops {}, gaps {}, incomplete exchanges {}",
+            capture["packets"],
+            capture["bytes"],
+            capture["ring_drops"],
+            capture["gaps"],
+            capture["exchanges_incomplete"]
+        );
+    }
 
     println!();
     println!(
@@ -204,7 +314,7 @@ fn print_summary(stats: &Value, api: &SocketAddr) {
     }
 
     println!();
-    println!("Recent divergences (details: curl http://{api}/api/divergences/ID):");
+    println!("Recent divergences (details: GET http://{api}/api/divergences/ID):");
     for d in stats["recent_divergences"]
         .as_array()
         .into_iter()
@@ -241,15 +351,19 @@ fn get(url: &str) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(&body).unwrap_or(Value::String(body)))
 }
 
-fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if ready() {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    bail!("timed out after 60 s waiting for {what}")
+/// GETs `url` from inside namespace `ns`, where the admin API listens.
+fn get_in(ns: &str, url: &str) -> anyhow::Result<Value> {
+    let url = url.to_owned();
+    in_netns(ns, move || get(&url))?
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(20).collect();
+    format!(
+        "specter's log ends with:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
 }
 
 fn free_ports() -> anyhow::Result<[SocketAddr; 4]> {

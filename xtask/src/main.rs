@@ -3,7 +3,9 @@
 //! Everything the project needs beyond stable Rust is installed project-locally under `.tools/`
 //! (bpf-linker) or as the nightly's `rust-src` component; nothing else on the machine changes.
 
+mod bench;
 mod demo;
+mod hosts;
 mod setup;
 
 use std::{
@@ -31,6 +33,19 @@ enum Task {
         /// Requests the demo sends.
         #[arg(long, default_value_t = 2000)]
         requests: usize,
+        /// Run Specter as an inline proxy on loopback instead of attaching (no root needed).
+        #[arg(long)]
+        proxy: bool,
+    },
+    /// Measure passive capture under load: live throughput with and without Specter attached,
+    /// and the highest rate captured with zero ring drops (root, wrk).
+    Bench {
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// wrk connection counts to step through.
+        #[arg(long, value_delimiter = ',', default_value = "4,16,64")]
+        connections: Vec<u32>,
     },
     /// Run every test: formatting, lints, unit and integration tests.
     Test {
@@ -45,9 +60,16 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root()?;
     match cli.command {
         Task::Setup => setup::run(&root),
-        Task::Demo { requests } => {
+        Task::Demo { requests, proxy } => {
             setup::run(&root)?;
-            demo::run(&root, requests)
+            demo::run(&root, requests, proxy)
+        }
+        Task::Bench {
+            seconds,
+            connections,
+        } => {
+            setup::run(&root)?;
+            bench::run(&root, seconds, &connections)
         }
         Task::Test { args } => {
             setup::run(&root)?;

@@ -32,7 +32,10 @@ pub fn decode(record: &[u8], ports: &[u16]) -> Result<Segment, DecodeError> {
     let payload = &record[HEADER_BYTES..];
     let captured = header.captured_len as usize;
     if payload.len() < captured {
-        return Err(DecodeError::Length { said: captured, found: payload.len() });
+        return Err(DecodeError::Length {
+            said: captured,
+            found: payload.len(),
+        });
     }
 
     let ipv6 = header.flags & record_flag::IPV6 != 0;
@@ -53,7 +56,8 @@ pub fn decode(record: &[u8], ports: &[u16]) -> Result<Segment, DecodeError> {
         ack: header.ack,
         flags: TcpFlags(header.tcp_flags),
         payload: Bytes::copy_from_slice(&payload[..captured]),
-        truncated: header.flags & record_flag::TRUNCATED != 0 || header.wire_len > header.captured_len,
+        truncated: header.flags & record_flag::TRUNCATED != 0
+            || header.wire_len > header.captured_len,
         wire_len: header.wire_len,
         timestamp: Duration::from_nanos(header.timestamp_ns),
     })

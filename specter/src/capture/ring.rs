@@ -53,7 +53,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let Ring { ring, ports } = ring;
-    let mut fd = AsyncFd::new(ring)?;
+    // SAFETY: the ring owns its map fd for as long as the AsyncFd owns the ring, and the fd is
+    // never swapped for another while registered.
+    let mut fd = unsafe { AsyncFd::register(ring)? };
     let mut out = Vec::new();
     let mut local = RingFigures::default();
     let mut tick = tokio::time::interval(TICK);
@@ -103,14 +105,20 @@ pub async fn run(
     local.reassembly = reassembler.stats();
     *figures.lock().unwrap_or_else(|p| p.into_inner()) = local;
     if local.decode_errors > 0 {
-        warn!(errors = local.decode_errors, "Some ring records could not be decoded");
+        warn!(
+            errors = local.decode_errors,
+            "Some ring records could not be decoded"
+        );
     }
     Ok(())
 }
 
 /// CLOCK_MONOTONIC now, the clock of the kernel's record timestamps.
 pub fn monotonic_now() -> Duration {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime with a valid pointer to a local timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)

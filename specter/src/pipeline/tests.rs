@@ -43,9 +43,9 @@ async fn start(extra: &str) -> (Running, tempfile::TempDir, tokio::net::TcpListe
         dir.path().join("s.redb").display()
     );
     let config = Config::parse(&text, "t").unwrap().validate("t").unwrap();
-    let store = crate::store::open(&config.config.store).unwrap();
+    let store = crate::store::open(&config.config.store, &config.node_name).unwrap();
     (
-        Pipeline::start(&config, store, Arc::new(Profile::new()), None),
+        Pipeline::start(&config, store, Arc::new(Profile::new()), None, None),
         dir,
         silent,
     )

@@ -7,12 +7,15 @@
 use std::{
     cmp,
     path::{Path, PathBuf},
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition,
 };
+use serde::Deserialize;
 use tracing::warn;
 
 use super::{Store, StoreError};
@@ -30,16 +33,33 @@ const PROFILE_KEY: &str = "profile";
 /// The next event id, as 8 big-endian bytes.
 const NEXT_ID_KEY: &str = "next_id";
 
+/// How often commits evict events older than `max_age`: finding them decodes rows, so it is
+/// not worth doing on every commit.
+const AGE_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 /// A store in one redb file.
 pub struct RedbStore {
     db: Database,
     path: PathBuf,
     max_events: u64,
+    max_age: Option<Duration>,
+    /// When the last commit evicted by age; `None` until the first commit does.
+    last_age_sweep: Mutex<Option<Instant>>,
+}
+
+/// The one field of a stored event that age retention needs.
+#[derive(Deserialize)]
+struct RequestTime {
+    time_ms: u64,
 }
 
 impl RedbStore {
     /// Opens the file at `path`, creating it and its directory when missing.
-    pub fn open(path: &Path, max_events: u64) -> Result<Self, StoreError> {
+    pub fn open(
+        path: &Path,
+        max_events: u64,
+        max_age: Option<Duration>,
+    ) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
                 dir: dir.to_owned(),
@@ -61,6 +81,8 @@ impl RedbStore {
             db,
             path: path.to_owned(),
             max_events,
+            max_age,
+            last_age_sweep: Mutex::new(None),
         };
 
         // Both tables are created up front so that readers never find one missing.
@@ -128,6 +150,26 @@ fn next_id_in(
     Ok(cmp::max(saved, after_newest))
 }
 
+/// Pops the oldest events while their request time is before `cutoff_ms`. Ids grow with
+/// time, so the first young event ends the sweep; a row that cannot be decoded ends it too,
+/// as its age is unknown.
+fn evict_older_than(
+    events: &mut redb::Table<u64, &'static [u8]>,
+    cutoff_ms: u64,
+) -> Result<(), redb::Error> {
+    loop {
+        let old = match events.first()? {
+            Some((_, json)) => serde_json::from_slice::<RequestTime>(json.value())
+                .is_ok_and(|event| event.time_ms < cutoff_ms),
+            None => false,
+        };
+        if !old {
+            return Ok(());
+        }
+        events.pop_first()?;
+    }
+}
+
 /// The redb work behind each [`Store`] method, in redb's own error type; the trait methods
 /// add what they were doing.
 impl RedbStore {
@@ -152,11 +194,36 @@ impl RedbStore {
                 kept -= 1;
             }
 
+            if let Some(cutoff_ms) = self.age_sweep_due() {
+                evict_older_than(&mut events, cutoff_ms)?;
+            }
+
             meta.insert(NEXT_ID_KEY, next_id.to_be_bytes().as_slice())?;
             meta.insert(PROFILE_KEY, profile)?;
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// The request time (Unix ms) before which events are evicted, when `max_age` is set and
+    /// the last sweep is long enough ago.
+    fn age_sweep_due(&self) -> Option<u64> {
+        let max_age = self.max_age?;
+        let mut last = self
+            .last_age_sweep
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.is_some_and(|at| at.elapsed() < AGE_SWEEP_EVERY) {
+            return None;
+        }
+        *last = Some(Instant::now());
+
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let cutoff_ms = now_ms.saturating_sub(max_age.as_millis());
+        Some(u64::try_from(cutoff_ms).unwrap_or(u64::MAX))
     }
 
     fn read_recent(

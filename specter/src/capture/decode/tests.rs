@@ -75,5 +75,11 @@ fn a_short_copy_is_marked_truncated() {
 fn malformed_records_are_errors_not_panics() {
     assert_eq!(decode(&[0u8; 10], &[80]), Err(DecodeError::Short(10)));
     let bytes = record(header(1, 80, 50, 50), b"only ten b");
-    assert_eq!(decode(&bytes, &[80]), Err(DecodeError::Length { said: 50, found: 10 }));
+    assert_eq!(
+        decode(&bytes, &[80]),
+        Err(DecodeError::Length {
+            said: 50,
+            found: 10
+        })
+    );
 }

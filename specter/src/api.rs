@@ -107,10 +107,17 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
         "/metrics" => metrics(state).await,
         "/api/stats" => stats(state).await,
         "/api/divergences" => divergences(state, &query).await,
-        _ => match path.strip_prefix("/api/divergences/") {
-            Some(id) => divergence(state, id).await,
-            None => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
-        },
+        "/api/routes" => routes(state),
+        "/api/verdict" => verdict(state, &query),
+        _ => {
+            if let Some(id) = path.strip_prefix("/api/divergences/") {
+                divergence(state, id).await
+            } else if let Some(rest) = path.strip_prefix("/api/routes/") {
+                route_detail(state, rest)
+            } else {
+                error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}"))
+            }
+        }
     }
 }
 
@@ -173,12 +180,15 @@ async fn stats(state: &ApiState) -> Response<Full<Bytes>> {
             "live_errors": c.live_errors,
             "store_dropped": c.store_dropped,
             "match_rate": view.match_rate,
+            "noise_replays": c.noise_replays,
+            "noise_comparisons": c.noise_comparisons,
         },
         "latency": {
             "live": view.live_latency,
             "shadow": view.shadow_latency,
         },
         "routes": view.routes,
+        "analysis": analysis_summary(state),
         "recent_divergences": recent,
         "capture": state.capture.as_ref().map(|view| view()),
     });
@@ -227,6 +237,124 @@ async fn divergence(state: &ApiState, id: &str) -> Response<Full<Bytes>> {
             &format!("store read failed: {e}"),
         ),
     }
+}
+
+/// The `analysis` object of `/api/stats`: how noise is learned and how the fields of every
+/// route are classified so far.
+fn analysis_summary(state: &ApiState) -> serde_json::Value {
+    let settings = state.profile.settings();
+    let reports = state.profile.route_reports();
+    let sum = |field: fn(&crate::profile::FieldTally) -> u64| -> u64 {
+        reports.iter().map(|r| field(&r.fields)).sum()
+    };
+    json!({
+        "noise_learning": settings.noise_learning,
+        "routes": reports.len(),
+        "divergent_fields": sum(|f| f.divergence),
+        "noise_fields": sum(|f| f.noise),
+        "pending_fields": sum(|f| f.pending),
+        "shadow_slower_routes": reports.iter().filter(|r| r.view.shadow_slower).count(),
+    })
+}
+
+/// `GET /api/routes`: every route with all its figures.
+fn routes(state: &ApiState) -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::OK,
+        &json!({ "routes": state.profile.route_reports() }),
+    )
+}
+
+/// `GET /api/routes/{route}` and `GET /api/routes/{route}/fields`, the route percent-encoded
+/// as one path segment (`GET%20%2Fusers%2F%7Bid%7D`).
+fn route_detail(state: &ApiState, rest: &str) -> Response<Full<Bytes>> {
+    let (encoded, fields) = match rest.strip_suffix("/fields") {
+        Some(encoded) => (encoded, true),
+        None => (rest, false),
+    };
+    let Some(route) = percent_decode(encoded) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("route {encoded:?} is not valid percent-encoded UTF-8"),
+        );
+    };
+    let not_found = || {
+        error(
+            StatusCode::NOT_FOUND,
+            &format!("no route {route:?}; GET /api/routes lists them"),
+        )
+    };
+    if fields {
+        match state.profile.route_fields(&route) {
+            Some(report) => json_response(StatusCode::OK, &report),
+            None => not_found(),
+        }
+    } else {
+        match state.profile.route_report(&route) {
+            Some(report) => json_response(StatusCode::OK, &report),
+            None => not_found(),
+        }
+    }
+}
+
+/// `GET /api/verdict`: the verdict with the criteria in the query, defaults from the config.
+fn verdict(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
+    let mut criteria = state.profile.default_criteria();
+    if let Some(text) = query.get("min_match_rate") {
+        match text.parse::<f64>() {
+            Ok(rate) if (0.0..=1.0).contains(&rate) => criteria.min_match_rate = rate,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("min_match_rate={text:?} is not valid; expected 0.0 to 1.0"),
+                );
+            }
+        }
+    }
+    if let Some(text) = query.get("min_samples") {
+        match text.parse::<u64>() {
+            Ok(n) if n > 0 => criteria.min_samples = n,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("min_samples={text:?} is not valid; expected a whole number from 1"),
+                );
+            }
+        }
+    }
+    if let Some(text) = query.get("max_latency_ratio") {
+        match text.parse::<f64>() {
+            Ok(ratio) if ratio.is_finite() && ratio > 0.0 => criteria.max_latency_ratio = ratio,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("max_latency_ratio={text:?} is not valid; expected a number above 0"),
+                );
+            }
+        }
+    }
+    json_response(StatusCode::OK, &state.profile.verdict(&criteria))
+}
+
+/// Decodes `%XX` escapes; `None` for a broken escape or bytes that are not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            decoded.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(decoded).ok()
 }
 
 /// The newest divergent events (diverged or shadow error), as summaries.

@@ -333,12 +333,150 @@ impl Default for RoutesSection {
 }
 
 /// Cluster membership. Read and validated now; with no section Specter is a single node.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSection {
+    /// This node's name in the cluster, unique among its members; defaults to `$HOSTNAME`.
     pub node_name: Option<String>,
-    pub bind_addr: Option<SocketAddr>,
+    /// Gossip (membership) listens here, on TCP and UDP.
+    pub bind_addr: SocketAddr,
+    /// The gossip address the other members use; required when `bind_addr` is a wildcard. Its
+    /// IP is also advertised for the admin API and the forward channel when those listen on a
+    /// wildcard.
+    pub advertise_addr: Option<SocketAddr>,
+    /// `host:port` gossip addresses of nodes to join through (seeds); one is enough.
     pub peers: Vec<String>,
+    /// A file whose contents are the cluster secret (`SPECTER_CLUSTER_SECRET` may hold it
+    /// instead). It keys gossip encryption and the forward channel's authentication.
+    pub secret_file: Option<PathBuf>,
+    /// Points each member takes on the consistent-hash ring.
+    pub vnodes: usize,
+    /// The node-to-node forward channel listens here; defaults to `bind_addr` with the next
+    /// port.
+    pub forward_addr: Option<SocketAddr>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            node_name: None,
+            bind_addr: SocketAddr::from(([0, 0, 0, 0], 7946)),
+            advertise_addr: None,
+            peers: Vec::new(),
+            secret_file: None,
+            vnodes: 128,
+            forward_addr: None,
+        }
+    }
+}
+
+/// The environment variable that may hold the cluster secret instead of `cluster.secret_file`.
+pub const CLUSTER_SECRET_ENV: &str = "SPECTER_CLUSTER_SECRET";
+
+impl ClusterSection {
+    /// The address the forward channel listens on.
+    pub fn forward_listen(&self) -> SocketAddr {
+        self.forward_addr.unwrap_or_else(|| {
+            SocketAddr::new(self.bind_addr.ip(), self.bind_addr.port().wrapping_add(1))
+        })
+    }
+
+    /// Checks the cluster keys; `invalid` builds the error for a key.
+    fn validate(
+        &self,
+        invalid: impl Fn(&str, String, &str) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        if let Some(name) = &self.node_name {
+            let valid = !name.is_empty()
+                && name.len() <= 128
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !valid {
+                return Err(invalid(
+                    "cluster.node_name",
+                    name.clone(),
+                    "1 to 128 letters, digits, '-', '_' or '.'",
+                ));
+            }
+        }
+        if self.bind_addr.port() == 0 {
+            return Err(invalid(
+                "cluster.bind_addr",
+                self.bind_addr.to_string(),
+                "an address with a fixed port, like 0.0.0.0:7946",
+            ));
+        }
+        match self.advertise_addr {
+            Some(addr) if addr.ip().is_unspecified() || addr.port() == 0 => {
+                return Err(invalid(
+                    "cluster.advertise_addr",
+                    addr.to_string(),
+                    "an address other nodes can reach, with its port",
+                ));
+            }
+            None if self.bind_addr.ip().is_unspecified() => {
+                return Err(invalid(
+                    "cluster.advertise_addr",
+                    "(missing)".into(),
+                    "the address other nodes reach this one at, since cluster.bind_addr is a \
+                     wildcard",
+                ));
+            }
+            _ => {}
+        }
+        for peer in &self.peers {
+            let valid = peer
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(invalid(
+                    "cluster.peers",
+                    peer.clone(),
+                    "host:port gossip addresses, like 10.0.0.1:7946",
+                ));
+            }
+        }
+        if !(1..=4096).contains(&self.vnodes) {
+            return Err(invalid(
+                "cluster.vnodes",
+                self.vnodes.to_string(),
+                "a number of ring points per member from 1 to 4096 (128 by default)",
+            ));
+        }
+        if self.forward_addr.is_none() && self.bind_addr.port() == u16::MAX {
+            return Err(invalid(
+                "cluster.forward_addr",
+                "(missing)".into(),
+                "an address, since cluster.bind_addr's port has no next port",
+            ));
+        }
+        if let Some(addr) = self.forward_addr
+            && addr.port() == 0
+        {
+            return Err(invalid(
+                "cluster.forward_addr",
+                addr.to_string(),
+                "an address with a fixed port",
+            ));
+        }
+        if self.forward_listen() == self.bind_addr {
+            return Err(invalid(
+                "cluster.forward_addr",
+                self.forward_listen().to_string(),
+                "an address other than cluster.bind_addr",
+            ));
+        }
+        if self.secret_file.is_none() && std::env::var_os(CLUSTER_SECRET_ENV).is_none() {
+            return Err(invalid(
+                "cluster.secret_file",
+                "(missing)".into(),
+                "a file holding the cluster secret (or the secret in SPECTER_CLUSTER_SECRET): \
+                 without it anyone who reaches the gossip port could join",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A parsed `http://host:port/prefix` target.
@@ -543,6 +681,10 @@ impl Config {
             Some(name) => Some(name.to_ascii_lowercase()),
             None => None,
         };
+
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(&invalid)?;
+        }
 
         let node_name = self
             .cluster

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod capture;
+pub mod cluster;
 pub mod compare;
 pub mod config;
 pub mod event;
@@ -26,3 +27,4 @@ pub mod store;
 pub mod testserver;
 pub mod traffic;
 pub mod tui;
+pub mod verdict;

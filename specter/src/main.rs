@@ -101,6 +101,12 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:9090")]
         api: String,
     },
+    /// Ask a running Specter whether the shadow passes: prints a table per route and exits 0
+    /// (pass), 1 (fail), 2 (not enough evidence yet) or 3 (no verdict could be had).
+    Verdict {
+        #[command(flatten)]
+        args: specter::verdict::VerdictArgs,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -167,6 +173,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // A blocking loop with its own poller runtime: keep it off the async workers.
             tokio::task::spawn_blocking(move || specter::tui::run(api)).await??;
             Ok(())
+        }
+        (Some(Command::Verdict { args }), None, None) => {
+            let code = specter::verdict::run(&args).await;
+            // The exit code is the answer, so leave with it rather than through main's
+            // success-or-failure.
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            std::process::exit(i32::from(code));
         }
         (None, None, _) => anyhow::bail!("nothing to do: give a subcommand or --mode (see --help)"),
         _ => anyhow::bail!("--mode and --config go together, without a subcommand (see --help)"),

@@ -108,7 +108,17 @@ pub struct Pipeline {
     sampler: Sampler,
     replay_methods: Arc<[String]>,
     exchange_log: Option<Arc<ExchangeLog>>,
+    /// Decides which node replays each exchange; none on a single node.
+    router: Option<Arc<dyn Router>>,
     shared: Arc<Shared>,
+}
+
+/// Decides where an exchange that passed every check is replayed: on this node, or on the node
+/// that owns its routing key (see `cluster`).
+pub trait Router: Send + Sync + 'static {
+    /// Gives the exchange back to be replayed here, or keeps it (`None`) when it was shipped to
+    /// its owner. Must never block: it runs on the capture path.
+    fn route(&self, exchange: Exchange) -> Option<Exchange>;
 }
 
 /// What [`Pipeline::shutdown`] waits for.
@@ -205,6 +215,7 @@ impl Pipeline {
             sampler: Sampler::new(config.config.sampling.rate),
             replay_methods: config.replay_methods.clone().into(),
             exchange_log: exchange_log.map(Arc::new),
+            router: None,
             shared,
         };
         Running {
@@ -239,6 +250,21 @@ impl Pipeline {
         if !self.replay_methods.contains(&exchange.request.method) {
             return profile.tally(Tally::SkippedUnsafe);
         }
+        let exchange = match &self.router {
+            Some(router) => match router.route(exchange) {
+                Some(exchange) => exchange,
+                None => return,
+            },
+            None => exchange,
+        };
+        self.submit_owned(exchange);
+    }
+
+    /// Queues an exchange whose checks were made and counted, and whose owner is this node:
+    /// one shipped here by another node, or one that could not be shipped to its owner. It is
+    /// not counted as `seen` again (the node that captured it counted it) nor routed again.
+    pub fn submit_owned(&self, exchange: Exchange) {
+        let profile = &self.shared.profile;
         if self.closing.load(Ordering::Relaxed) {
             return profile.tally(Tally::ShadowDropped);
         }
@@ -271,6 +297,11 @@ impl Pipeline {
 impl Running {
     pub fn pipeline(&self) -> &Pipeline {
         &self.pipeline
+    }
+
+    /// Sets the router of the pipeline clones handed out from now on; call it before any.
+    pub fn set_router(&mut self, router: Arc<dyn Router>) {
+        self.pipeline.router = Some(router);
     }
 
     /// Stops taking exchanges, lets queued replays finish until `deadline`, then writes every

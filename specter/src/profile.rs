@@ -109,6 +109,23 @@ pub struct Counters {
     /// Noise comparisons made: answers that should have been equal, compared to learn noise.
     #[serde(default)]
     pub noise_comparisons: u64,
+    /// Cluster: exchanges shipped to the node owning their routing key, which acknowledged
+    /// them; that node replays and records them (and counts them as `forward_received`).
+    #[serde(default)]
+    pub forwarded: u64,
+    /// Cluster: exchanges that could not be shipped to their owner (unreachable, its queue
+    /// full) and were handled here instead; they count again as mirrored or dropped here.
+    #[serde(default)]
+    pub forward_errors: u64,
+    /// Cluster: exchanges shipped to their owner that it never acknowledged (the link failed
+    /// meanwhile). They are not replayed here, so the shadow never sees a request twice; the
+    /// owner may or may not have recorded them.
+    #[serde(default)]
+    pub forward_unconfirmed: u64,
+    /// Cluster: exchanges other nodes shipped here because this node owns their routing key.
+    /// They are not counted as `seen` here: the node that captured them did.
+    #[serde(default)]
+    pub forward_received: u64,
 }
 
 /// Figures for one route.
@@ -132,6 +149,10 @@ pub enum Tally {
     LiveError,
     StoreDropped,
     LogDropped,
+    Forwarded,
+    ForwardError,
+    ForwardUnconfirmed,
+    ForwardReceived,
 }
 
 /// How noise is learned, as configured.
@@ -443,6 +464,31 @@ impl Profile {
         routed.route
     }
 
+    /// Adds another node's snapshot (made by [`Profile::snapshot`]) to this profile, for
+    /// cluster-wide figures: counters and per-route figures summed, latency histograms merged
+    /// bucket by bucket, so the percentiles are those of all the nodes' latencies together.
+    pub fn merge_snapshot(&self, bytes: &[u8]) -> Result<(), ProfileError> {
+        let other = Self::restore(bytes)?;
+        let other = other
+            .state
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+
+        let mut state = self.lock();
+        state.counters = sum_fields(&state.counters, &other.counters);
+        for (route, figures) in other.routes {
+            let mine = state.routes.entry(route).or_default();
+            *mine = sum_fields(mine, &figures);
+        }
+        for (route, detail) in other.details {
+            state.details.entry(route).or_default().merge(detail);
+        }
+        // Every profile's histograms have the same bounds, so adding cannot fail.
+        let _ = state.live_latency.add(&other.live_latency);
+        let _ = state.shadow_latency.add(&other.shadow_latency);
+        Ok(())
+    }
+
     /// Serialises the profile for the store.
     pub fn snapshot(&self) -> Vec<u8> {
         let state = self.lock();
@@ -490,6 +536,10 @@ impl Profile {
             Tally::LiveError => c.live_errors += 1,
             Tally::StoreDropped => c.store_dropped += 1,
             Tally::LogDropped => c.exchange_log_dropped += 1,
+            Tally::Forwarded => c.forwarded += 1,
+            Tally::ForwardError => c.forward_errors += 1,
+            Tally::ForwardUnconfirmed => c.forward_unconfirmed += 1,
+            Tally::ForwardReceived => c.forward_received += 1,
         }
     }
 
@@ -950,6 +1000,22 @@ fn latency_comparison(detail: &RouteDetail, allowed: f64) -> (Option<f64>, bool)
 fn match_rate_ci(figures: &RouteCounters) -> Option<[f64; 2]> {
     noise::wilson_interval(figures.matched, figures.matched + figures.diverged, Z_95)
         .map(|(low, high)| [low, high])
+}
+
+/// Adds two counter structs field by field. Every field is a count, so going through the
+/// serialised form sums each one, including counters added later, without listing them here.
+fn sum_fields<T: Serialize + serde::de::DeserializeOwned>(a: &T, b: &T) -> T {
+    let (Ok(serde_json::Value::Object(mut sum)), Ok(serde_json::Value::Object(other))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        unreachable!("counter structs serialise to objects");
+    };
+    for (name, value) in other {
+        let add = value.as_u64().unwrap_or(0);
+        let entry = sum.entry(name).or_insert(serde_json::Value::from(0u64));
+        *entry = serde_json::Value::from(entry.as_u64().unwrap_or(0).saturating_add(add));
+    }
+    serde_json::from_value(serde_json::Value::Object(sum)).expect("summed counters deserialise")
 }
 
 /// matched / (matched + diverged), or none before the first comparison.

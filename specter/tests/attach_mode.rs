@@ -274,7 +274,10 @@ fn loss_reordering_and_duplication_never_pair_wrongly() {
     let sent = summary["sent"].as_u64().unwrap();
 
     let stats = stack.wait_settled();
-    assert!(stat(&stats, "exchanges.seen") <= sent, "more exchanges than the client made");
+    assert!(
+        stat(&stats, "exchanges.seen") <= sent,
+        "more exchanges than the client made"
+    );
     let by_seq = rebuilt_by_seq(&stack);
     let mut complete = 0;
     for record in read_jsonl(&log) {
@@ -286,6 +289,26 @@ fn loss_reordering_and_duplication_never_pair_wrongly() {
             complete += 1;
         }
     }
+    // The link and the ring really did lose, reorder and repeat segments.
+    let disorder = stat(&stats, "capture.retransmits") + stat(&stats, "capture.out_of_order");
+    assert!(
+        disorder > 0,
+        "no reordering or duplication reached the capture: {stats:#}"
+    );
+    assert!(
+        stat(&stats, "capture.gaps") > 0,
+        "no segment was lost to the capture: {stats:#}"
+    );
+    eprintln!(
+        "lossy run: {} of {sent} rebuilt complete; gaps {}, retransmits {}, out of order {}, \
+         ring drops {}, incomplete {}",
+        complete,
+        stat(&stats, "capture.gaps"),
+        stat(&stats, "capture.retransmits"),
+        stat(&stats, "capture.out_of_order"),
+        stat(&stats, "capture.ring_drops"),
+        stat(&stats, "exchanges.incomplete")
+    );
     // Whatever was not rebuilt whole is counted, and never replayed.
     let incomplete = stat(&stats, "exchanges.incomplete");
     assert!(complete > 0, "nothing was rebuilt under netem: {stats:#}");
@@ -310,7 +333,16 @@ fn make_the_link_lossy(stack: &AttachStack) {
         .topo
         .client
         .command("tc")
-        .args(["qdisc", "add", "dev", &stack.topo.client_if, "root", "netem", "delay", "2ms"])
+        .args([
+            "qdisc",
+            "add",
+            "dev",
+            &stack.topo.client_if,
+            "root",
+            "netem",
+            "delay",
+            "2ms",
+        ])
         .args(["loss", "3%", "duplicate", "3%", "reorder", "20%", "50%"])
         .output()
         .expect("run tc");
@@ -324,7 +356,10 @@ fn make_the_link_lossy(stack: &AttachStack) {
         }\n";
     let file = stack.dir.path().join("lossy.nft");
     std::fs::write(&file, rules).unwrap();
-    stack.topo.client.exec_ok(&["nft", "-f", file.to_str().unwrap()]);
+    stack
+        .topo
+        .client
+        .exec_ok(&["nft", "-f", file.to_str().unwrap()]);
 }
 
 #[test]
@@ -385,7 +420,10 @@ fn replays_to_a_shadow_on_the_same_interface_and_port_are_not_captured() {
 /// The BPF links and programs a process holds, from its file descriptors' fdinfo.
 fn bpf_objects_of(pid: u32) -> (Vec<String>, Vec<String>) {
     let (mut links, mut programs) = (Vec::new(), Vec::new());
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
         let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
         for line in info.lines() {
             if let Some(id) = line.strip_prefix("link_id:") {
@@ -410,34 +448,68 @@ fn sigterm_leaves_nothing_attached() {
 
     let pid = stack.specter.as_ref().unwrap().pid();
     let (links, programs) = bpf_objects_of(pid);
-    assert_eq!(programs.len(), 2, "ingress and egress programs loaded: {programs:?}");
+    assert_eq!(
+        programs.len(),
+        2,
+        "ingress and egress programs loaded: {programs:?}"
+    );
     for id in &programs {
         let shown = netns::run("bpftool", &["prog", "show", "id", id]);
-        assert!(shown.contains("specter_"), "program {id} is not Specter's: {shown}");
+        assert!(
+            shown.contains("specter_"),
+            "program {id} is not Specter's: {shown}"
+        );
     }
     // TCX links (kernel 6.6+) are held as fds; netlink filters show in `tc filter show`.
-    let filters = stack.topo.server.exec_ok(&["tc", "filter", "show", "dev", &iface, "ingress"]);
-    assert!(links.len() == 2 || filters.contains("specter"), "not attached: {links:?} {filters}");
+    let filters = stack
+        .topo
+        .server
+        .exec_ok(&["tc", "filter", "show", "dev", &iface, "ingress"]);
+    assert!(
+        links.len() == 2 || filters.contains("specter"),
+        "not attached: {links:?} {filters}"
+    );
 
     let exit = stack.stop_specter();
     assert!(exit.success(), "exit {exit}:\n{}", stack.specter_log());
 
     for id in &links {
-        let gone = Command::new("bpftool").args(["link", "show", "id", id]).output().unwrap();
+        let gone = Command::new("bpftool")
+            .args(["link", "show", "id", id])
+            .output()
+            .unwrap();
         assert!(!gone.status.success(), "link {id} is still there");
     }
     for id in &programs {
-        let gone = Command::new("bpftool").args(["prog", "show", "id", id]).output().unwrap();
+        let gone = Command::new("bpftool")
+            .args(["prog", "show", "id", id])
+            .output()
+            .unwrap();
         assert!(!gone.status.success(), "program {id} is still loaded");
     }
     for direction in ["ingress", "egress"] {
-        let filters = stack.topo.server.exec_ok(&["tc", "filter", "show", "dev", &iface, direction]);
-        assert!(!filters.contains("specter"), "tc filters left on {direction}: {filters}");
+        let filters = stack
+            .topo
+            .server
+            .exec_ok(&["tc", "filter", "show", "dev", &iface, direction]);
+        assert!(
+            !filters.contains("specter"),
+            "tc filters left on {direction}: {filters}"
+        );
     }
-    let qdiscs = stack.topo.server.exec_ok(&["tc", "qdisc", "show", "dev", &iface]);
-    assert!(!qdiscs.contains("clsact"), "clsact qdisc left behind: {qdiscs}");
+    let qdiscs = stack
+        .topo
+        .server
+        .exec_ok(&["tc", "qdisc", "show", "dev", &iface]);
+    assert!(
+        !qdiscs.contains("clsact"),
+        "clsact qdisc left behind: {qdiscs}"
+    );
     let log = stack.specter_log();
-    assert!(log.contains("Detached capture programs"), "no detach logged:\n{log}");
+    assert!(
+        log.contains("Detached capture programs"),
+        "no detach logged:\n{log}"
+    );
 }
 
 #[test]
@@ -526,4 +598,40 @@ fn a_missing_interface_is_named_in_the_error() {
         stderr.contains("nosuch0") && stderr.contains("does not exist"),
         "{stderr}"
     );
+}
+
+#[test]
+fn reattaches_cleanly_after_a_crash() {
+    let mut stack = AttachStack::new("");
+    stack.start_specter(&[]);
+    let pid = stack.specter.as_ref().unwrap().pid();
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let killed = stack
+        .specter
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(10));
+    assert!(!killed.success());
+    stack.specter = None;
+
+    // The store was left open by a killed process; the new one must still start, attach once,
+    // and capture.
+    stack.start_specter(&[]);
+    let pid = stack.specter.as_ref().unwrap().pid();
+    let (_, programs) = bpf_objects_of(pid);
+    assert_eq!(programs.len(), 2, "{programs:?}");
+    let target = format!("{}:{LIVE_PORT}", stack.topo.server_v4);
+    let summary = stack.traffic(&target, &["--requests", "50", "--connections", "2"]);
+    let sent = summary["sent"].as_u64().unwrap();
+    let stats = stack.wait_stats("capture after re-attaching", |s| {
+        stat(s, "exchanges.seen") >= sent
+    });
+    assert_eq!(
+        stat(&stats, "exchanges.seen"),
+        sent,
+        "each exchange seen once, not twice"
+    );
+    let exit = stack.stop_specter();
+    assert!(exit.success(), "{}", stack.specter_log());
 }

@@ -24,9 +24,10 @@ use std::{
 };
 
 use memberlist::{
-    Options, TokioSocketAddrResolver, TokioTcpMemberlist,
+    Options,
     delegate::{CompositeDelegate, EventDelegate, NodeDelegate, VoidDelegate},
     net::NetTransportOptions,
+    tokio::{TokioSocketAddrResolver, TokioTcpMemberlist},
     proto::{EncryptionAlgorithm, MaybeResolvedAddress, Meta, NodeState, SecretKey},
 };
 use serde::{Deserialize, Serialize};
@@ -321,16 +322,20 @@ impl Joiner {
             return;
         }
 
-        let join = self
-            .gossip
-            .join_many(targets.iter().copied().map(MaybeResolvedAddress::Resolved));
-        match tokio::time::timeout(JOIN_TIMEOUT, join).await {
-            Ok(Ok(joined)) => debug!(?joined, "Joined cluster peers"),
-            Ok(Err((joined, error))) => {
-                debug!(?joined, %error, ?targets, "Some cluster peers could not be joined")
-            }
-            Err(_) => debug!(?targets, "Joining cluster peers timed out"),
+        // One task per target, so an unreachable one does not hold up the others.
+        let mut joins = tokio::task::JoinSet::new();
+        for target in targets {
+            let gossip = self.gossip.clone();
+            joins.spawn(async move {
+                let join = gossip.join(MaybeResolvedAddress::Resolved(target));
+                match tokio::time::timeout(JOIN_TIMEOUT, join).await {
+                    Ok(Ok(_)) => debug!(%target, "Joined through cluster peer"),
+                    Ok(Err(error)) => debug!(%target, %error, "Cannot join through cluster peer"),
+                    Err(_) => debug!(%target, "Joining through cluster peer timed out"),
+                }
+            });
         }
+        while joins.join_next().await.is_some() {}
     }
 }
 
@@ -362,3 +367,6 @@ impl NodeDelegate for LocalMeta {
         self.0.clone()
     }
 }
+
+#[cfg(test)]
+mod tests;

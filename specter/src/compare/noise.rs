@@ -210,7 +210,11 @@ pub fn wilson_interval(successes: u64, trials: u64, z: f64) -> Option<(f64, f64)
     let z2 = z * z;
     let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
     let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
-    Some(((centre - half).max(0.0), (centre + half).min(1.0)))
+    // At a rate of exactly 0 or 1 the bound on that side is the rate itself; rounding would
+    // otherwise leave it a hair inside.
+    let low = if successes == 0 { 0.0 } else { (centre - half).max(0.0) };
+    let high = if successes == trials { 1.0 } else { (centre + half).min(1.0) };
+    Some((low, high))
 }
 
 /// Methods that are safe to send twice and whose answers to identical requests should be
@@ -351,3 +355,6 @@ fn response_size(response: &Response) -> usize {
         .sum();
     response.body.len() + headers + 128
 }
+
+#[cfg(test)]
+mod tests;

@@ -75,8 +75,10 @@ fn body_difference(
         kind: DiffKind::Body,
         path: path.to_owned(),
         op,
+        severity: severity(DiffKind::Body, op, live.as_ref(), shadow.as_ref()),
         live,
         shadow,
+        noise: false,
     }
 }
 
@@ -106,6 +108,8 @@ fn status_change_is_reported_with_both_codes() {
             op: DiffOp::Changed,
             live: Some(json!(200)),
             shadow: Some(json!(500)),
+            severity: Severity::Status,
+            noise: false,
         }]
     );
 }
@@ -139,7 +143,8 @@ fn ignored_headers_follow_the_options() {
     let live = response(200, &[("Date", "Mon, 01 Jan 2024 00:00:00 GMT")], "ok");
     let shadow = response(200, &[("Date", "Mon, 01 Jan 2024 00:00:07 GMT")], "ok");
     let options = CompareOptions {
-        ignored_headers: vec![],
+        volatile_headers: vec![],
+        ..CompareOptions::default()
     };
 
     assert!(CompareOptions::default().ignores("X-REQUEST-ID"));
@@ -160,6 +165,8 @@ fn set_cookie_fields_are_compared_as_an_ordered_list() {
             op: DiffOp::Changed,
             live: Some(json!(["a=1", "b=2"])),
             shadow: Some(json!(["a=1; Secure"])),
+            severity: Severity::Value,
+            noise: false,
         }]
     );
 
@@ -182,6 +189,8 @@ fn header_on_one_side_only_is_added_or_removed() {
                 op: DiffOp::Removed,
                 live: Some(json!(["no-store"])),
                 shadow: None,
+                severity: Severity::Schema,
+                noise: false,
             },
             Difference {
                 kind: DiffKind::Header,
@@ -189,6 +198,8 @@ fn header_on_one_side_only_is_added_or_removed() {
                 op: DiffOp::Added,
                 live: None,
                 shadow: Some(json!(["yes"])),
+                severity: Severity::Addition,
+                noise: false,
             },
         ]
     );
@@ -387,12 +398,12 @@ fn pointer_tokens_escape_slash_and_tilde() {
 }
 
 #[test]
-fn a_value_whose_type_changes_is_reported_with_both_values() {
+fn a_value_whose_type_changes_is_reported_as_type_changed_with_both_values() {
     assert_eq!(
         diff_bodies(r#"{"id":42}"#, r#"{"id":"42"}"#),
         vec![body_difference(
             "/id",
-            DiffOp::Changed,
+            DiffOp::TypeChanged,
             Some(json!(42)),
             Some(json!("42"))
         )]
@@ -401,11 +412,14 @@ fn a_value_whose_type_changes_is_reported_with_both_values() {
         diff_bodies(r#"{"tags":[]}"#, r#"{"tags":{}}"#),
         vec![body_difference(
             "/tags",
-            DiffOp::Changed,
+            DiffOp::TypeChanged,
             Some(json!([])),
             Some(json!({}))
         )]
     );
+    let differences = diff_bodies(r#"{"n":null}"#, r#"{"n":0}"#);
+    assert_eq!(differences[0].op, DiffOp::TypeChanged);
+    assert_eq!(differences[0].severity, Severity::Schema);
 }
 
 #[test]
@@ -474,11 +488,13 @@ fn binary_bodies_report_size_and_hash_only() {
 
 #[test]
 fn empty_body_is_not_json() {
-    // Empty against `{}` cannot be a structural match; it is reported as bytes.
+    // Empty against `{}` cannot be a structural match: the shadow added a body.
     let differences = diff_bodies("", "{}");
 
     assert_eq!(differences.len(), 1);
-    assert_eq!(differences[0].live.as_ref().unwrap()["size"], json!(0));
+    assert_eq!((differences[0].path.as_str(), differences[0].op), ("", DiffOp::Added));
+    assert_eq!(differences[0].live, None);
+    assert_eq!(differences[0].shadow.as_ref().unwrap()["size"], json!(2));
 }
 
 #[test]
@@ -565,7 +581,7 @@ fn body_differences_are_capped_at_100_and_the_total_kept() {
 
     let differences = diff_bodies(&json!(live).to_string(), &json!(shadow).to_string());
 
-    assert_eq!(differences.len(), MAX_BODY_DIFFERENCES + 1);
+    assert_eq!(differences.len(), DEFAULT_MAX_DIFFERENCES + 1);
     assert_eq!(differences[99].path, "/99");
     let marker = differences.last().unwrap();
     assert_eq!((marker.kind, marker.path.as_str()), (DiffKind::Body, ""));
@@ -597,11 +613,294 @@ fn values_past_the_depth_limit_are_reported_whole() {
     let live = nest(json!(1));
     let shadow = nest(json!(2));
 
-    let mut found = BodyDifferences::default();
-    diff_json(&live, &shadow, &mut String::new(), 0, &mut found);
-    let differences = found.finish();
+    let options = CompareOptions::default();
+    let mut found = Found::new("", &options);
+    Walker {
+        route: "",
+        options: &options,
+        found: &mut found,
+    }
+    .diff(&live, &shadow, &mut String::new(), 0);
+    let differences = found.finish().differences;
 
     assert_eq!(differences.len(), 1);
     assert_eq!(differences[0].path, "/k".repeat(MAX_JSON_DEPTH));
     assert_eq!(differences[0].op, DiffOp::Changed);
+}
+
+fn options_with(section: impl FnOnce(&mut crate::config::CompareSection)) -> CompareOptions {
+    let mut config = crate::config::CompareSection::default();
+    section(&mut config);
+    let shadow = crate::config::Target::parse("s", "http://shadow.internal:8082", "t").unwrap();
+    let live = crate::config::Target::parse("l", "http://live.internal:8081", "t").unwrap();
+    CompareOptions::from_config(&config, Some(&live), &shadow, None)
+}
+
+fn on_route(route: &str) -> Context<'_> {
+    Context {
+        route,
+        ..Context::default()
+    }
+}
+
+#[test]
+fn undecodable_body_is_not_comparable_never_a_match() {
+    let live = response(200, &[("content-encoding", "gzip")], gzip(b"{}"));
+    let shadow = response(200, &[("content-encoding", "gzip")], b"\x1f\x8b garbage".to_vec());
+
+    let differences = diff(&live, &shadow);
+
+    assert_eq!(differences.len(), 1);
+    assert_eq!(differences[0].op, DiffOp::NotComparable);
+    assert_eq!(differences[0].severity, Severity::Schema);
+    assert!(differences[0].shadow.as_ref().unwrap()["error"].is_string());
+}
+
+#[test]
+fn changed_status_class_ranks_above_a_changed_value() {
+    let live = response(200, &[("content-type", "application/json")], r#"{"a":1,"b":2}"#);
+    let shadow = response(503, &[("content-type", "application/json")], r#"{"a":1,"b":3,"c":4}"#);
+
+    let differences = diff(&live, &shadow);
+    let ranked: Vec<(&str, Severity)> = differences
+        .iter()
+        .map(|d| (d.path.as_str(), d.severity))
+        .collect();
+
+    assert_eq!(
+        ranked,
+        [
+            ("", Severity::Status),
+            ("/b", Severity::Value),
+            ("/c", Severity::Addition)
+        ]
+    );
+    // A status change within its class is a changed value, not a class change.
+    let redirect = diff(&response(301, &[], ""), &response(302, &[], ""));
+    assert_eq!(redirect[0].severity, Severity::Value);
+}
+
+#[test]
+fn missing_field_and_type_change_rank_as_schema_breaks() {
+    let differences = diff_bodies(r#"{"a":1,"b":"x","c":1}"#, r#"{"a":"1","c":2,"d":0}"#);
+    let ranked: Vec<(&str, DiffOp, Severity)> = differences
+        .iter()
+        .map(|d| (d.path.as_str(), d.op, d.severity))
+        .collect();
+
+    assert_eq!(
+        ranked,
+        [
+            ("/a", DiffOp::TypeChanged, Severity::Schema),
+            ("/b", DiffOp::Removed, Severity::Schema),
+            ("/c", DiffOp::Changed, Severity::Value),
+            ("/d", DiffOp::Added, Severity::Addition),
+        ]
+    );
+}
+
+#[test]
+fn location_naming_the_shadows_own_host_matches_the_live_host() {
+    let options = options_with(|_| {});
+    let context = Context {
+        request_host: Some("shop.example.com"),
+        ..Context::default()
+    };
+    let live = response(302, &[("Location", "http://shop.example.com/cart?x=1")], "");
+    let shadow = response(302, &[("Location", "http://shadow.internal:8082/cart?x=1")], "");
+
+    assert!(compare_exchange(&context, &live, &shadow, &options).is_match());
+
+    // Live naming its own target, shadow its own: equal too.
+    let live_target = response(302, &[("Location", "http://live.internal:8081/cart?x=1")], "");
+    assert!(compare_exchange(&context, &live_target, &shadow, &options).is_match());
+
+    // The path still counts, and so does a third host.
+    let elsewhere = response(302, &[("Location", "http://shadow.internal:8082/login")], "");
+    let other_host = response(302, &[("Location", "http://evil.example.net/cart?x=1")], "");
+    for shadow in [elsewhere, other_host] {
+        let found = compare_exchange(&context, &live, &shadow, &options);
+        assert_eq!(found.differences[0].path, "location");
+        assert_eq!(
+            found.differences[0].live,
+            Some(json!(["http://shop.example.com/cart?x=1"])),
+            "reported as sent, not as normalised"
+        );
+    }
+
+    // Without the mapping the shadow's own host is a difference.
+    assert_eq!(diff(&live, &response(302, &[("Location", "http://shadow.internal:8082/cart?x=1")], "")).len(), 1);
+}
+
+#[test]
+fn two_set_cookie_fields_are_two_values_not_one_folded_value() {
+    let live = response(200, &[("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")], "ok");
+    let folded = response(200, &[("Set-Cookie", "a=1, b=2")], "ok");
+
+    let differences = diff(&live, &folded);
+
+    assert_eq!(differences.len(), 1);
+    assert_eq!(differences[0].live, Some(json!(["a=1", "b=2"])));
+    assert_eq!(differences[0].shadow, Some(json!(["a=1, b=2"])));
+    assert!(diff(&live, &live.clone()).is_empty());
+}
+
+#[test]
+fn list_valued_headers_in_the_set_list_ignore_member_order() {
+    let live = response(200, &[("Vary", "Accept, Accept-Encoding"), ("Allow", "GET, HEAD")], "");
+    let shadow = response(200, &[("vary", "Accept-Encoding,Accept"), ("Allow", "HEAD"), ("allow", "GET")], "");
+    assert_eq!(diff(&live, &shadow), vec![]);
+
+    let missing = response(200, &[("Vary", "Accept"), ("Allow", "GET, HEAD")], "");
+    assert_eq!(diff(&live, &missing)[0].path, "vary");
+}
+
+#[test]
+fn framing_headers_are_judged_after_decoding_even_when_not_volatile() {
+    let options = CompareOptions {
+        volatile_headers: vec![],
+        ..CompareOptions::default()
+    };
+    let body = br#"{"a":1}"#;
+    let live = response(200, &[("Content-Encoding", "gzip"), ("Content-Length", "27")], gzip(body));
+    let shadow = response(200, &[("Transfer-Encoding", "chunked")], body.to_vec());
+
+    assert_eq!(compare(&live, &shadow, &options), vec![]);
+}
+
+#[test]
+fn string_escapes_are_compared_after_unescaping() {
+    assert_eq!(
+        diff_bodies(r#"{"s":"caf\u00e9 \/ \"q\""}"#, r#"{"s":"café / \"q\""}"#),
+        vec![]
+    );
+}
+
+#[test]
+fn unordered_paths_compare_arrays_as_multisets() {
+    let options = options_with(|c| {
+        c.unordered.push(crate::config::UnorderedRuleConfig {
+            route: None,
+            path: "/orders/*/tags".into(),
+        })
+    });
+    let live = json_response(r#"{"orders":[{"tags":["a","b",{"k":1}]}],"list":[1,2]}"#);
+    let shuffled = json_response(r#"{"orders":[{"tags":[{"k":1.0},"b","a"]}],"list":[1,2]}"#);
+    assert!(compare_exchange(&Context::default(), &live, &shuffled, &options).is_match());
+
+    // Elsewhere order still counts.
+    let list_swapped = json_response(r#"{"orders":[{"tags":["a","b",{"k":1}]}],"list":[2,1]}"#);
+    assert_eq!(
+        compare_exchange(&Context::default(), &live, &list_swapped, &options).total,
+        2
+    );
+
+    // A changed member is diffed field by field against the unmatched one.
+    let changed = json_response(r#"{"orders":[{"tags":[{"k":2},"a","b"]}],"list":[1,2]}"#);
+    let found = compare_exchange(&Context::default(), &live, &changed, &options);
+    assert_eq!(found.differences.len(), 1);
+    assert_eq!(found.differences[0].path, "/orders/0/tags/2/k");
+}
+
+#[test]
+fn ignore_rules_drop_headers_and_paths_on_matching_routes() {
+    let options = options_with(|c| {
+        c.ignore.push(crate::config::IgnoreRuleConfig {
+            route: None,
+            header: Some("X-Build".into()),
+            path: None,
+        });
+        c.ignore.push(crate::config::IgnoreRuleConfig {
+            route: Some("GET /orders/*".into()),
+            header: None,
+            path: Some("/items/*/updated_at".into()),
+        });
+        c.ignore.push(crate::config::IgnoreRuleConfig {
+            route: None,
+            header: None,
+            path: Some("/**/trace".into()),
+        });
+    });
+    let live = response(
+        200,
+        &[("x-build", "1"), ("content-type", "application/json")],
+        r#"{"items":[{"updated_at":1,"qty":1}],"deep":{"er":{"trace":"a"}}}"#,
+    );
+    let shadow = response(
+        200,
+        &[("x-build", "2"), ("content-type", "application/json")],
+        r#"{"items":[{"updated_at":2,"qty":1}],"deep":{"er":{"trace":"b"}}}"#,
+    );
+
+    let on_orders = compare_exchange(&on_route("GET /orders/{id}"), &live, &shadow, &options);
+    assert!(on_orders.is_match(), "{on_orders:?}");
+
+    let elsewhere = compare_exchange(&on_route("GET /carts/{id}"), &live, &shadow, &options);
+    let paths: Vec<&str> = elsewhere.differences.iter().map(|d| d.path.as_str()).collect();
+    assert_eq!(paths, ["/items/0/updated_at"]);
+}
+
+#[test]
+fn form_bodies_are_compared_parameter_by_parameter() {
+    let form = [("content-type", "application/x-www-form-urlencoded; charset=utf-8")];
+    let live = response(200, &form, "a=1&b=x%20y&tag=1&tag=2");
+    let reordered = response(200, &form, "b=x+y&tag=1&tag=2&a=1");
+    assert_eq!(diff(&live, &reordered), vec![]);
+
+    let changed = response(200, &form, "a=1&b=x%20z&tag=1&tag=2&c=new");
+    let found: Vec<(String, DiffOp)> = diff(&live, &changed)
+        .into_iter()
+        .map(|d| (d.path, d.op))
+        .collect();
+    assert_eq!(
+        found,
+        [("/b".to_owned(), DiffOp::Changed), ("/c".to_owned(), DiffOp::Added)]
+    );
+}
+
+#[test]
+fn json_against_html_is_a_type_change_of_the_whole_body() {
+    let live = json_response(r#"{"ok":true}"#);
+    let shadow = response(502, &[("content-type", "text/html")], "<html>Bad Gateway</html>");
+
+    let differences = diff(&live, &shadow);
+    let body = differences.iter().find(|d| d.kind == DiffKind::Body).unwrap();
+
+    assert_eq!((body.path.as_str(), body.op), ("", DiffOp::TypeChanged));
+    assert_eq!(body.live.as_ref().unwrap()["format"], "json");
+    assert_eq!(body.shadow.as_ref().unwrap()["format"], "text");
+    assert_eq!(differences[0].kind, DiffKind::Status, "the status ranks first");
+}
+
+#[test]
+fn a_body_that_disappears_is_removed() {
+    let differences = diff(&json_response(r#"{"a":1}"#), &response(200, &[], ""));
+    let body = differences.iter().find(|d| d.kind == DiffKind::Body).unwrap();
+    assert_eq!((body.op, body.severity), (DiffOp::Removed, Severity::Schema));
+}
+
+#[test]
+fn the_cap_keeps_the_most_severe_differences_and_counts_all() {
+    let options = CompareOptions {
+        max_differences: 3,
+        ..CompareOptions::default()
+    };
+    let live: Value = json!({"v": (0..10).collect::<Vec<u32>>(), "gone": 1});
+    let shadow: Value = json!({"v": (1..11).collect::<Vec<u32>>()});
+
+    let found = compare_exchange(
+        &Context::default(),
+        &json_response(&live.to_string()),
+        &json_response(&shadow.to_string()),
+        &options,
+    );
+
+    assert_eq!(found.total, 11);
+    assert_eq!(found.differences.len(), 3);
+    assert_eq!(found.differences[0].path, "/gone");
+    let stored = found.into_stored();
+    assert_eq!(
+        stored.last().unwrap().live,
+        Some(json!({"truncated_differences": 11}))
+    );
 }

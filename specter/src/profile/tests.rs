@@ -1,6 +1,10 @@
 use std::time::Duration;
 
 use super::*;
+use crate::{
+    compare::noise::{Classification, NoiseSource},
+    event::{DiffKind, DiffOp, Difference, Severity},
+};
 
 #[test]
 fn ids_in_paths_become_one_route() {
@@ -96,4 +100,298 @@ fn corrupt_snapshot_is_an_error_not_a_panic() {
         Profile::restore(br#"{"counters":{},"routes":{},"live_latency":"!!","shadow_latency":""}"#)
             .is_err()
     );
+}
+
+
+fn templates(patterns: &[&str], max_segment_values: usize) -> RouteTemplates {
+    RouteTemplates::new(
+        patterns
+            .iter()
+            .map(|p| RoutePattern::parse(p).unwrap())
+            .collect(),
+        max_segment_values,
+    )
+}
+
+#[test]
+fn long_tokens_become_ids_but_words_do_not() {
+    assert_eq!(
+        route_of("GET", "/s/aB3dE5gH7jK9mN1pQ3sT5v"),
+        "GET /s/{id}"
+    );
+    assert_eq!(
+        route_of("GET", "/docs/authentication-settings"),
+        "GET /docs/authentication-settings"
+    );
+}
+
+#[test]
+fn users_123_and_456_are_one_route() {
+    let profile = Profile::new();
+    assert_eq!(profile.route("GET", "/users/123"), "GET /users/{id}");
+    assert_eq!(profile.route("GET", "/users/456"), "GET /users/{id}");
+}
+
+#[test]
+fn ten_thousand_random_names_under_one_prefix_make_one_route() {
+    let profile = Profile::new();
+    profile.configure(Settings::default(), templates(&[], 50));
+    let ms = Duration::from_millis(1);
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for _ in 0..10_000 {
+        // Letters only, so no name looks like an id by itself.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let name: String = (0..8)
+            .map(|i| char::from(b'a' + ((seed >> (i * 5)) % 26) as u8))
+            .collect();
+        let route = profile.route("GET", &format!("/files/{name}/meta"));
+        profile.record(&route, Outcome::Matched, ms, Some(ms));
+    }
+
+    let view = profile.view();
+    let routes: Vec<&str> = view.routes.iter().map(|r| r.route.as_str()).collect();
+    assert_eq!(routes, ["GET /files/{id}/meta"]);
+    assert_eq!(view.routes[0].counters.mirrored, 10_000);
+}
+
+#[test]
+fn configured_patterns_win_over_templates() {
+    let mut templates = templates(&["GET /users/{uid}/avatar", "* /static/**"], 100);
+    assert_eq!(
+        templates.route("GET", "/users/ada/avatar").route,
+        "GET /users/{uid}/avatar"
+    );
+    assert_eq!(
+        templates.route("HEAD", "/static/css/site.css").route,
+        "HEAD /static/**"
+    );
+    assert_eq!(templates.route("GET", "/users/ada").route, "GET /users/ada");
+    assert!(RoutePattern::parse("GET users").is_err());
+    assert!(RoutePattern::parse("GET /a/**/b").is_err());
+}
+
+fn body_diff(path: &str) -> Difference {
+    Difference {
+        kind: DiffKind::Body,
+        path: path.to_owned(),
+        op: DiffOp::Changed,
+        live: Some(serde_json::json!(1)),
+        shadow: Some(serde_json::json!(2)),
+        severity: Severity::Value,
+        noise: false,
+    }
+}
+
+fn learning_profile() -> Profile {
+    let profile = Profile::new();
+    let mut settings = Settings::default();
+    settings.noise_rule.min_samples = 20;
+    settings.noise_rule.min_noise_samples = 10;
+    profile.configure(settings, templates(&[], 100));
+    profile
+}
+
+/// Mirrors one exchange whose differences are `paths`, as the pipeline would.
+fn mirror(profile: &Profile, route: &str, paths: &[&str], id: u64) -> (Outcome, Vec<Difference>) {
+    let mut differences: Vec<Difference> = paths.iter().map(|p| body_diff(p)).collect();
+    let outcome = profile.judge(route, &mut differences);
+    profile.record_mirrored(&Mirrored {
+        route,
+        outcome,
+        live_status: 200,
+        shadow_status: Some(200),
+        live_latency: Duration::from_millis(2),
+        shadow_latency: Some(Duration::from_millis(2)),
+        differences: &differences,
+        event_id: Some(id),
+    });
+    (outcome, differences)
+}
+
+#[test]
+fn noise_fields_stop_counting_once_classified_and_the_real_one_keeps_counting() {
+    let profile = learning_profile();
+    let route = "GET /noise";
+
+    // Warm-up: nothing is classified yet, so every difference counts.
+    for id in 0..20 {
+        let (outcome, differences) = mirror(&profile, route, &["/request_id", "/value"], id);
+        assert_eq!(outcome, Outcome::Diverged);
+        assert!(differences.iter().all(|d| !d.noise));
+        profile.record_noise(route, NoiseSource::Live, Some(&[body_diff("/request_id")]));
+    }
+
+    let (outcome, differences) = mirror(&profile, route, &["/request_id", "/value"], 100);
+    assert_eq!(outcome, Outcome::Diverged);
+    let noise: Vec<(&str, bool)> = differences
+        .iter()
+        .map(|d| (d.path.as_str(), d.noise))
+        .collect();
+    assert_eq!(noise, [("/request_id", true), ("/value", false)]);
+
+    // Only noise left: the exchange matched.
+    let (outcome, differences) = mirror(&profile, route, &["/request_id"], 101);
+    assert_eq!(outcome, Outcome::Matched);
+    assert!(differences[0].noise);
+
+    let fields = profile.route_fields(route).unwrap();
+    let class = |path: &str| {
+        fields
+            .fields
+            .iter()
+            .find(|f| f.path == path)
+            .map(|f| f.classification)
+    };
+    assert_eq!(class("/request_id"), Some(Classification::Noise));
+    assert_eq!(class("/value"), Some(Classification::Divergence));
+    let value = fields.fields.iter().find(|f| f.path == "/value").unwrap();
+    assert_eq!(value.examples.first(), Some(&100), "newest example first");
+
+    let report = profile.route_report(route).unwrap();
+    assert_eq!(report.top_fields[0].path, "/value");
+    assert_eq!(report.noisy_fields[0].path, "/request_id");
+    let c = report.view.counters;
+    assert_eq!(c.mirrored, c.matched + c.diverged + c.shadow_errors);
+    assert_eq!((c.matched, c.diverged), (1, 21));
+}
+
+#[test]
+fn array_indices_fold_into_one_field() {
+    let profile = learning_profile();
+    mirror(&profile, "GET /a", &["/items/0/price", "/items/12/price"], 1);
+    let fields = profile.route_fields("GET /a").unwrap().fields;
+    assert_eq!(fields.len(), 1);
+    assert_eq!(fields[0].path, "/items/*/price");
+    assert_eq!(fields[0].differed, 1, "counted once per exchange");
+}
+
+#[test]
+fn field_tables_are_capped_per_route_and_overflow_still_counts() {
+    let profile = Profile::new();
+    profile.configure(
+        Settings {
+            max_fields_per_route: 3,
+            ..Settings::default()
+        },
+        templates(&[], 100),
+    );
+    let paths: Vec<String> = (0..10).map(|i| format!("/f{i}")).collect();
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let (outcome, _) = mirror(&profile, "GET /wide", &paths, 1);
+    assert_eq!(outcome, Outcome::Diverged);
+    let report = profile.route_report("GET /wide").unwrap();
+    assert_eq!(report.fields.untracked_differences, 7);
+    assert_eq!(profile.route_fields("GET /wide").unwrap().fields.len(), 3);
+}
+
+#[test]
+fn status_matrix_and_noise_replays_are_per_route_and_survive_a_snapshot() {
+    let profile = learning_profile();
+    profile.record_mirrored(&Mirrored {
+        route: "GET /x",
+        outcome: Outcome::Diverged,
+        live_status: 200,
+        shadow_status: Some(500),
+        live_latency: Duration::from_millis(3),
+        shadow_latency: Some(Duration::from_millis(4)),
+        differences: &[],
+        event_id: None,
+    });
+    profile.record_mirrored(&Mirrored {
+        route: "GET /x",
+        outcome: Outcome::ShadowError,
+        live_status: 200,
+        shadow_status: None,
+        live_latency: Duration::from_millis(3),
+        shadow_latency: None,
+        differences: &[],
+        event_id: None,
+    });
+    profile.record_noise("GET /x", NoiseSource::Shadow, None);
+
+    let restored = Profile::restore(&profile.snapshot()).unwrap();
+    for profile in [&profile, &restored] {
+        let report = profile.route_report("GET /x").unwrap();
+        assert_eq!(report.status_matrix["200"]["500"], 1);
+        assert_eq!(report.status_matrix["200"]["error"], 1);
+        assert_eq!(report.noise_replays, 1);
+        assert_eq!(report.latency.live.count, 2);
+        assert_eq!(report.latency.shadow.count, 1);
+        assert_eq!(profile.counters().noise_replays, 1);
+        assert_eq!(profile.counters().mirrored, 2, "noise replays are not mirrored");
+    }
+    assert_eq!(profile.view().routes, restored.view().routes);
+}
+
+#[test]
+fn match_rate_has_a_confidence_interval_and_latency_a_ratio() {
+    let profile = Profile::new();
+    for i in 0..100 {
+        let outcome = if i < 90 { Outcome::Matched } else { Outcome::Diverged };
+        profile.record("GET /r", outcome, Duration::from_millis(10), Some(Duration::from_millis(30)));
+    }
+    let route = &profile.view().routes[0];
+    let [low, high] = route.match_rate_ci.unwrap();
+    assert!(low < 0.9 && 0.9 < high && high - low < 0.15, "{low} {high}");
+    let ratio = route.latency_ratio.unwrap();
+    assert!((2.9..3.1).contains(&ratio), "{ratio}");
+    assert!(route.shadow_slower);
+}
+
+fn criteria(min_samples: u64) -> Criteria {
+    Criteria {
+        min_match_rate: 0.99,
+        min_samples,
+        max_latency_ratio: 1.2,
+    }
+}
+
+#[test]
+fn verdict_passes_fails_or_waits_for_evidence() {
+    let profile = learning_profile();
+    let ms = Duration::from_millis(5);
+    for _ in 0..50 {
+        profile.record("GET /good", Outcome::Matched, ms, Some(ms));
+    }
+    let verdict = profile.verdict(&criteria(50));
+    assert_eq!(verdict.verdict, Decision::Pass);
+    assert_eq!(verdict.verdict.exit_code(), 0);
+
+    let verdict = profile.verdict(&criteria(51));
+    assert_eq!(verdict.verdict, Decision::InsufficientEvidence);
+    assert_eq!(verdict.verdict.exit_code(), 2);
+    assert!(verdict.routes[0].reasons[0].contains("50 of the 51"));
+
+    for _ in 0..50 {
+        profile.record("GET /bad", Outcome::Diverged, ms, Some(ms));
+    }
+    let verdict = profile.verdict(&criteria(50));
+    assert_eq!(verdict.verdict, Decision::Fail);
+    assert_eq!(verdict.verdict.exit_code(), 1);
+    let bad = verdict.routes.iter().find(|r| r.route == "GET /bad").unwrap();
+    assert!(bad.reasons[0].contains("match rate"), "{:?}", bad.reasons);
+}
+
+#[test]
+fn verdict_waits_while_fields_are_pending_and_fails_on_errors_or_latency() {
+    let profile = learning_profile();
+    // Differences on a field that noise learning has not classified: no verdict yet.
+    for id in 0..30 {
+        mirror(&profile, "GET /p", &["/x"], id);
+    }
+    let verdict = profile.verdict(&criteria(10));
+    assert_eq!(verdict.verdict, Decision::InsufficientEvidence);
+    assert_eq!(verdict.routes[0].pending_fields, 1);
+
+    let slow = Profile::new();
+    for _ in 0..30 {
+        slow.record("GET /s", Outcome::Matched, Duration::from_millis(10), Some(Duration::from_millis(40)));
+        slow.record("GET /e", Outcome::ShadowError, Duration::from_millis(10), None);
+    }
+    let verdict = slow.verdict(&criteria(10));
+    for route in &verdict.routes {
+        assert_eq!(route.verdict, Decision::Fail, "{route:?}");
+    }
 }

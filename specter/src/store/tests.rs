@@ -136,6 +136,8 @@ fn event(id: u64, route: &str, outcome: Outcome) -> Event {
                 op: DiffOp::Changed,
                 live: Some(json!(200)),
                 shadow: Some(json!(500)),
+                severity: crate::event::Severity::Status,
+                noise: false,
             }],
             None,
         ),

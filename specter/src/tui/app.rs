@@ -40,8 +40,8 @@ pub enum RouteSort {
     DivergenceRate,
     /// Mirrored exchanges.
     Volume,
-    /// Shadow over live latency. Nodes do not report it per route yet; until one does, this
-    /// order falls back to volume and the table's title says so.
+    /// Shadow over live latency (p90). A node too old to report it per route gets volume
+    /// order instead, and the table's title says so.
     LatencyRatio,
 }
 
@@ -251,7 +251,7 @@ impl App {
                     {
                         screen.report = match &result {
                             Ok(report) => NoiseState::Loaded(report.clone()),
-                            Err(error) if error.is_not_found() => {
+                            Err(error) if error.is_missing_endpoint() => {
                                 NoiseState::NotAvailable(error.to_string())
                             }
                             Err(error) => NoiseState::Failed(error.to_string()),

@@ -50,9 +50,10 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// True when the endpoint itself does not exist (or the thing asked for is unknown).
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, Self::Status { status: 404, .. })
+    /// True when the node has no such endpoint: it predates it. A node that has the route
+    /// endpoints answers a route it does not know with 404 "no route ...", which is not that.
+    pub fn is_missing_endpoint(&self) -> bool {
+        matches!(self, Self::Status { status: 404, message, .. } if !message.starts_with("no route"))
     }
 }
 
@@ -164,9 +165,11 @@ pub struct RouteStats {
     pub diverged: u64,
     pub shadow_errors: u64,
     pub match_rate: Option<f64>,
-    /// Shadow latency over live latency for this route. The API does not serve it yet; the
-    /// dashboard sorts and shows it once a node does, under this name.
+    /// Shadow p90 over live p90 on this route. Older nodes do not serve it; the dashboard then
+    /// shows "–" and sorts by volume instead.
     pub latency_ratio: Option<f64>,
+    /// The shadow is slower on this route than the node's `compare.latency_ratio` allows.
+    pub shadow_slower: bool,
 }
 
 impl RouteStats {
@@ -201,19 +204,27 @@ struct DivergenceList {
 }
 
 /// `GET /api/routes/{route}/fields`: the fields of a route and how each is classified (noise
-/// or signal). Nodes do not serve it yet, so the shape is read generically: a `fields` array
-/// of objects, each with a `path`, a classification under `classification` or `class`, and any
-/// other members shown as they come.
+/// or a real divergence). The shape is still settling, so it is read leniently: a `fields`
+/// array of objects with `kind`, `path`, `classification`, `severity`, `rate` and `noise_rate`
+/// where present; every other scalar member is kept as `name=value` and shown as it comes.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FieldsReport {
+    /// The report's own scalar members (`compared`, `noise_learning`, ...) as `name=value`.
+    pub summary: Vec<String>,
     pub fields: Vec<FieldRow>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FieldRow {
-    pub path: String,
+    /// The path, prefixed for headers (`header x-request-id`) and named for the status.
+    pub field: String,
     pub class: String,
-    /// The remaining members as `name=value`, in the order the node sent them.
+    pub severity: String,
+    /// How often it differed between live and shadow, as a fraction.
+    pub rate: Option<f64>,
+    /// How often it differed between two answers of the same version, as a fraction.
+    pub noise_rate: Option<f64>,
+    /// The remaining scalar members as `name=value`, in the order the node sent them.
     pub details: Vec<String>,
 }
 
@@ -222,29 +233,60 @@ impl FieldsReport {
         let Some(fields) = value.get("fields").and_then(|f| f.as_array()) else {
             return Err("no `fields` array".to_owned());
         };
-        let fields = fields
-            .iter()
-            .map(|field| {
-                let mut row = FieldRow::default();
-                let Some(members) = field.as_object() else {
-                    row.path = field.to_string();
-                    return row;
-                };
-                for (name, value) in members {
-                    let text = match value {
-                        serde_json::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
-                    match name.as_str() {
-                        "path" => row.path = text,
-                        "classification" | "class" => row.class = text,
-                        _ => row.details.push(format!("{name}={text}")),
+        let summary = value
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(name, _)| !matches!(name.as_str(), "fields" | "route"))
+            .filter_map(|(name, value)| Some(format!("{name}={}", scalar(value)?)))
+            .collect();
+        let fields = fields.iter().map(FieldRow::from_json).collect();
+        Ok(Self { summary, fields })
+    }
+}
+
+impl FieldRow {
+    fn from_json(field: &serde_json::Value) -> Self {
+        let mut row = Self::default();
+        let Some(members) = field.as_object() else {
+            row.field = field.to_string();
+            return row;
+        };
+        let mut kind = None;
+        let mut path = String::new();
+        for (name, value) in members {
+            match name.as_str() {
+                "kind" => kind = value.as_str().map(str::to_owned),
+                "path" => path = scalar(value).unwrap_or_default(),
+                "classification" | "class" => row.class = scalar(value).unwrap_or_default(),
+                "severity" => row.severity = scalar(value).unwrap_or_default(),
+                "rate" => row.rate = value.as_f64(),
+                "noise_rate" => row.noise_rate = value.as_f64(),
+                _ => {
+                    if let Some(text) = scalar(value) {
+                        row.details.push(format!("{name}={text}"));
                     }
                 }
-                row
-            })
-            .collect();
-        Ok(Self { fields })
+            }
+        }
+        row.field = match kind.as_deref() {
+            Some("header") => format!("header {path}"),
+            Some("status") => "status".to_owned(),
+            _ => path,
+        };
+        row
+    }
+}
+
+/// A JSON scalar as text (strings without quotes); `None` for null, arrays and objects, which
+/// a one-line view cannot show usefully.
+fn scalar(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(text) => Some(text.clone()),
+        serde_json::Value::Number(_) | serde_json::Value::Bool(_) => Some(value.to_string()),
+        serde_json::Value::Null | serde_json::Value::Array(_) | serde_json::Value::Object(_) => {
+            None
+        }
     }
 }
 

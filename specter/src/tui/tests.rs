@@ -477,6 +477,7 @@ fn unreachable_api_shows_a_banner_until_it_answers_again() {
         text.contains("unreachable") && text.contains("1234"),
         "{text}"
     );
+    assert!(text.contains("figures are stale"), "{text}");
 }
 
 #[test]
@@ -500,6 +501,20 @@ fn noise_view_says_when_the_node_has_no_field_classification() {
     assert!(text.contains(ui::NOISE_NOT_AVAILABLE), "{text}");
     press(&mut app, KeyCode::Esc);
     assert!(app.screens.is_empty());
+
+    // A node that has the endpoint but not the route says so; that is not "not available".
+    press(&mut app, KeyCode::Char('n'));
+    app.update(Input::Reply(Reply::Fields(
+        "GET /orders/{id}".to_owned(),
+        Err(ClientError::Status {
+            url: "http://127.0.0.1:9090/api/routes/x/fields".to_owned(),
+            status: 404,
+            message: "no route \"GET /orders/{id}\"; GET /api/routes lists them".to_owned(),
+        }),
+    )));
+    let text = screen_text(&app, 80, 24);
+    assert!(!text.contains(ui::NOISE_NOT_AVAILABLE), "{text}");
+    assert!(text.contains("no route"), "{text}");
 }
 
 #[test]
@@ -514,21 +529,53 @@ fn noise_view_lists_classified_fields_when_the_node_serves_them() {
         Some(Request::Fields("GET /orders/{id}".to_owned()))
     );
 
-    let report = FieldsReport::from_json(&json!({"fields": [
-        {"path": "/generated_at", "classification": "noise", "seen": 40},
-        {"path": "/total", "classification": "signal", "seen": 40}
-    ]}))
+    // The shape `GET /api/routes/{route}/fields` serves.
+    let report = FieldsReport::from_json(&json!({
+        "route": "GET /orders/{id}",
+        "compared": 40,
+        "noise_learning": "replay",
+        "fields": [
+            {"kind": "body", "path": "/generated_at", "classification": "noise",
+             "severity": "value", "compared": 40, "differed": 40, "rate": 1.0,
+             "noise_rate": 1.0, "noise_source": "replay", "noise": {"replay": [40, 40]},
+             "z": null, "examples": [], "example_path": "/generated_at"},
+            {"kind": "body", "path": "/total", "classification": "divergence",
+             "severity": "value", "compared": 40, "differed": 38, "rate": 0.95,
+             "noise_rate": 0.0, "z": 12.5, "examples": [41, 42]},
+            {"kind": "header", "path": "x-request-id", "classification": "pending",
+             "rate": 0.5}
+        ]
+    }))
     .expect("report reads");
     app.update(Input::Reply(Reply::Fields(
         "GET /orders/{id}".to_owned(),
         Ok(report),
     )));
-    let text = screen_text(&app, 80, 24);
-    assert!(
-        text.contains("/generated_at") && text.contains("noise"),
-        "{text}"
-    );
-    assert!(text.contains("seen=40"), "{text}");
+    for (width, height) in [(80, 24), (120, 40)] {
+        let lines = render(&app, width, height);
+        let text = lines.join("\n");
+        let row = |field: &str| {
+            lines
+                .iter()
+                .find(|l| l.contains(field))
+                .unwrap_or_else(|| panic!("no row for {field}:\n{text}"))
+                .clone()
+        };
+        let generated_at = row("/generated_at");
+        assert!(
+            generated_at.contains("noise") && generated_at.contains("100.0%"),
+            "{text}"
+        );
+        let total = row("/total");
+        assert!(
+            total.contains("divergence") && total.contains("95.0%"),
+            "{text}"
+        );
+        assert!(total.contains("0.0%"), "the noise rate beside it:\n{text}");
+        assert!(row("header x-request-id").contains("pending"), "{text}");
+        assert!(text.contains("compared=40"), "{text}");
+        assert!(text.contains("z=12.5"), "{text}");
+    }
     assert!(matches!(app.screens.last(), Some(Screen::Noise(_))));
 
     press(&mut app, KeyCode::Esc);
@@ -576,4 +623,30 @@ fn route_names_are_percent_encoded_as_one_path_segment() {
         encode_segment("GET /orders/{id}"),
         "GET%20%2Forders%2F%7Bid%7D"
     );
+}
+
+#[test]
+fn drill_down_marks_differences_on_noise_fields() {
+    let mut app = loaded_app();
+    press(&mut app, KeyCode::Tab);
+    press(&mut app, KeyCode::Enter);
+    let mut event = profile_event();
+    event.id = 42;
+    event.differences = serde_json::from_value(json!([
+        {"kind": "body", "path": "/total", "op": "changed", "live": 19.0, "shadow": 19.5,
+         "severity": "value"},
+        {"kind": "header", "path": "x-request-id", "op": "changed", "live": "a", "shadow": "b",
+         "severity": "value", "noise": true}
+    ]))
+    .expect("differences read");
+    app.update(Input::Reply(Reply::Divergence(42, Ok(Box::new(event)))));
+
+    let text = screen_text(&app, 80, 24);
+    assert!(text.contains("header x-request-id (noise)"), "{text}");
+    let total = text
+        .lines()
+        .find(|l| l.contains("/total"))
+        .expect("a /total row");
+    assert!(!total.contains("(noise)"), "{text}");
+    assert!(total.contains("19.0") && total.contains("19.5"), "{text}");
 }

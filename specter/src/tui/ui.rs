@@ -9,12 +9,12 @@ use ratatui::{
     layout::{Constraint, Layout, Rect},
     style::{Color, Modifier, Style},
     text::{Line, Span, Text},
-    widgets::{Block, Paragraph, Row, Table, TableState},
+    widgets::{Block, Cell, Paragraph, Row, Table, TableState},
 };
 
 use super::{
     app::{App, Connection, DivergenceScreen, Load, NoiseScreen, NoiseState, Pane, Screen},
-    client::Stats,
+    client::{FieldsReport, RouteStats, Stats},
 };
 use crate::event::{DiffKind, Difference, Event, Outcome, StoredResponse};
 
@@ -73,9 +73,9 @@ fn draw_banner(frame: &mut Frame, area: Rect, app: &App) {
         ),
         Connection::Unreachable { error, failures } => (
             format!(
-                " API unreachable, retrying every second ({failures} failed): {error}{}",
+                " API unreachable, retrying every second ({failures} failed{}): {error}",
                 if app.stats.is_some() {
-                    " · figures below are stale"
+                    "; figures are stale"
                 } else {
                     ""
                 }
@@ -233,13 +233,12 @@ fn draw_routes(frame: &mut Frame, area: Rect, app: &App) {
 
     let rows = routes.iter().map(|r| {
         Row::new(vec![
-            r.route.clone(),
-            r.mirrored.to_string(),
-            r.diverged.to_string(),
-            r.shadow_errors.to_string(),
-            r.divergence_rate().map_or_else(|| "–".to_owned(), percent),
-            r.latency_ratio
-                .map_or_else(|| "–".to_owned(), |x| format!("{x:.2}")),
+            Cell::from(r.route.clone()),
+            Cell::from(r.mirrored.to_string()),
+            Cell::from(r.diverged.to_string()),
+            Cell::from(r.shadow_errors.to_string()),
+            Cell::from(r.divergence_rate().map_or_else(|| "–".to_owned(), percent)),
+            latency_cell(r),
         ])
     });
     let header = Row::new(["Route", "Mirrored", "Diverged", "Errors", "Div%", "Lat×"])
@@ -261,6 +260,19 @@ fn draw_routes(frame: &mut Frame, area: Rect, app: &App) {
     .highlight_symbol("> ");
     let mut state = TableState::new().with_selected(app.selected_route_index());
     frame.render_stateful_widget(table, area, &mut state);
+}
+
+/// The route's shadow/live latency ratio, red when the node judges the shadow too slow.
+fn latency_cell(route: &RouteStats) -> Cell<'static> {
+    let Some(ratio) = route.latency_ratio else {
+        return Cell::from("–");
+    };
+    let style = if route.shadow_slower {
+        Style::new().fg(Color::Red).bold()
+    } else {
+        Style::new()
+    };
+    Cell::from(format!("{ratio:.2}")).style(style)
 }
 
 fn draw_divergences(frame: &mut Frame, area: Rect, app: &App) {
@@ -466,43 +478,49 @@ fn difference_lines(differences: &[Difference], width: u16) -> Vec<Line<'static>
     let field_width = (width * 3 / 10).max(10);
     let value_width = (width.saturating_sub(field_width + 6) / 2).max(8);
 
-    let row = |cells: [(&str, Style); 3]| -> Vec<Line<'static>> {
-        let widths = [field_width, value_width, value_width];
-        let wrapped: Vec<Vec<String>> = cells
-            .iter()
-            .zip(widths)
-            .map(|((text, _), w)| wrap(text, w))
-            .collect();
-        let height = wrapped.iter().map(Vec::len).max().unwrap_or(1);
-        (0..height)
-            .map(|i| {
-                let mut spans = Vec::with_capacity(5);
-                for (column, ((_, style), w)) in cells.iter().zip(widths).enumerate() {
-                    if column > 0 {
-                        spans.push(Span::styled(" │ ", DIM));
-                    }
-                    let piece = wrapped[column].get(i).map_or("", String::as_str);
-                    spans.push(Span::styled(format!("{piece:<w$}"), *style));
-                }
-                Line::from(spans)
-            })
-            .collect()
-    };
-
     let bold = Style::new().bold();
-    let mut lines = row([("Field", bold), ("Live", bold), ("Shadow", bold)]);
+    let mut lines = columns(&[
+        ("Field", field_width, bold),
+        ("Live", value_width, bold),
+        ("Shadow", value_width, bold),
+    ]);
     for difference in differences {
         lines.push(Line::styled("─".repeat(width), DIM));
-        let field = field_label(difference);
+        // A difference on a field classified as noise is stored but does not count: it is
+        // shown, marked and dimmed, so the user sees why the exchange may still have matched.
+        let (field, field_style) = if difference.noise {
+            (format!("{} (noise)", field_label(difference)), DIM)
+        } else {
+            (field_label(difference), Style::new().fg(Color::Cyan))
+        };
         let live = side_value(difference.live.as_ref());
         let shadow = side_value(difference.shadow.as_ref());
-        lines.extend(row([
-            (&field, Style::new().fg(Color::Cyan)),
-            (&live, Style::new().fg(Color::Green)),
-            (&shadow, Style::new().fg(Color::Magenta)),
+        lines.extend(columns(&[
+            (&field, field_width, field_style),
+            (&live, value_width, Style::new().fg(Color::Green)),
+            (&shadow, value_width, Style::new().fg(Color::Magenta)),
         ]));
     }
     lines
+}
+
+/// Cells side by side, each wrapped to its width and padded, as many lines as the tallest.
+fn columns(cells: &[(&str, usize, Style)]) -> Vec<Line<'static>> {
+    let wrapped: Vec<Vec<String>> = cells.iter().map(|(text, w, _)| wrap(text, *w)).collect();
+    let height = wrapped.iter().map(Vec::len).max().unwrap_or(1);
+    (0..height)
+        .map(|i| {
+            let mut spans = Vec::with_capacity(cells.len() * 2);
+            for (column, (_, w, style)) in cells.iter().enumerate() {
+                if column > 0 {
+                    spans.push(Span::styled(" │ ", DIM));
+                }
+                let piece = wrapped[column].get(i).map_or("", String::as_str);
+                spans.push(Span::styled(format!("{piece:<w$}"), *style));
+            }
+            Line::from(spans)
+        })
+        .collect()
 }
 
 fn field_label(difference: &Difference) -> String {
@@ -583,34 +601,64 @@ fn draw_noise(frame: &mut Frame, area: Rect, screen: &NoiseScreen) {
             .into_iter()
             .map(|l| l.style(Style::new().fg(Color::Red)))
             .collect(),
-        NoiseState::Loaded(report) if report.fields.is_empty() => {
-            vec![Line::styled("no fields classified on this route yet", DIM)]
-        }
-        NoiseState::Loaded(report) => {
-            let path_width = report
-                .fields
-                .iter()
-                .map(|f| f.path.chars().count())
-                .max()
-                .unwrap_or(0)
-                .clamp(5, usize::from(width) / 2);
-            let mut lines = vec![Line::styled(
-                format!("{:<path_width$}  {:<10}  details", "Field", "Class"),
-                Style::new().bold(),
-            )];
-            for field in &report.fields {
-                let text = format!(
-                    "{:<path_width$}  {:<10}  {}",
-                    field.path,
-                    field.class,
-                    field.details.join(" ")
-                );
-                lines.extend(wrap_lines(&text, width));
-            }
-            lines
-        }
+        NoiseState::Loaded(report) => noise_lines(report, width),
     };
     draw_scrolled(frame, area, title, lines, &screen.scroll);
+}
+
+/// The classified fields of a route: one row each, its other figures dimmed beneath.
+fn noise_lines(report: &FieldsReport, width: u16) -> Vec<Line<'static>> {
+    let mut lines = Vec::new();
+    if !report.summary.is_empty() {
+        let summary = report.summary.join(" · ");
+        lines.extend(
+            wrap_lines(&summary, width)
+                .into_iter()
+                .map(|l| l.style(DIM)),
+        );
+    }
+    if report.fields.is_empty() {
+        lines.push(Line::styled("no fields classified on this route yet", DIM));
+        return lines;
+    }
+
+    let (class_width, rate_width, severity_width) = (11, 6, 8);
+    // Four separators of 3 columns between five columns.
+    let field_width =
+        usize::from(width).saturating_sub(class_width + 2 * rate_width + severity_width + 12);
+    let field_width = field_width.max(10);
+    let bold = Style::new().bold();
+    lines.extend(columns(&[
+        ("Field", field_width, bold),
+        ("Class", class_width, bold),
+        ("Diff", rate_width, bold),
+        ("Noise", rate_width, bold),
+        ("Severity", severity_width, bold),
+    ]));
+    for field in &report.fields {
+        let class_style = match field.class.as_str() {
+            "noise" => DIM,
+            "divergence" => Style::new().fg(Color::Yellow),
+            _ => Style::new(),
+        };
+        let rate = |rate: Option<f64>| rate.map_or_else(|| "–".to_owned(), percent);
+        lines.extend(columns(&[
+            (&field.field, field_width, Style::new().fg(Color::Cyan)),
+            (&field.class, class_width, class_style),
+            (&rate(field.rate), rate_width, Style::new()),
+            (&rate(field.noise_rate), rate_width, Style::new()),
+            (&field.severity, severity_width, Style::new()),
+        ]));
+        if !field.details.is_empty() {
+            let details = format!("  {}", field.details.join(" · "));
+            lines.extend(
+                wrap_lines(&details, width)
+                    .into_iter()
+                    .map(|l| l.style(DIM)),
+            );
+        }
+    }
+    lines
 }
 
 /// Splits `text` into pieces of at most `width` characters, keeping its own line breaks.

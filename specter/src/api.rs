@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::{
+    cluster::{self, Cluster, NodeStatus},
     event::{Event, EventSummary, Outcome},
     profile::Profile,
     store::Store,
@@ -50,6 +51,8 @@ pub struct ApiState {
     pub store: Arc<dyn Store>,
     /// Present in attach mode.
     pub capture: Option<CaptureView>,
+    /// Present when the config has a `cluster` section.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ApiError> {
@@ -105,10 +108,13 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
     match path.as_str() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/metrics" => metrics(state).await,
-        "/api/stats" => stats(state).await,
+        "/api/stats" => stats(state, &query).await,
         "/api/divergences" => divergences(state, &query).await,
-        "/api/routes" => routes(state),
-        "/api/verdict" => verdict(state, &query),
+        "/api/routes" => routes(state, &query).await,
+        "/api/verdict" => verdict(state, &query).await,
+        "/api/profile" => profile_snapshot(state),
+        "/api/cluster/members" => cluster_members(state),
+        "/api/cluster/owner" => cluster_owner(state, &query),
         _ => {
             if let Some(id) = path.strip_prefix("/api/divergences/") {
                 divergence(state, id).await
@@ -155,14 +161,19 @@ async fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
     }
 }
 
-async fn stats(state: &ApiState) -> Response<Full<Bytes>> {
-    let view = state.profile.view();
-    let recent = match recent(state, RECENT_IN_STATS, None).await {
+async fn stats(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
+    let scoped = match Scoped::read(state, query).await {
+        Ok(scoped) => scoped,
+        Err(response) => return response,
+    };
+    let profile = scoped.profile(state);
+    let view = profile.view();
+    let recent = match scoped_recent(state, &scoped, RECENT_IN_STATS, None).await {
         Ok(recent) => recent,
         Err(response) => return response,
     };
     let c = view.counters;
-    let body = json!({
+    let mut body = json!({
         "node": state.node,
         "mode": state.mode,
         "uptime_s": state.profile.uptime().as_secs(),
@@ -182,17 +193,169 @@ async fn stats(state: &ApiState) -> Response<Full<Bytes>> {
             "match_rate": view.match_rate,
             "noise_replays": c.noise_replays,
             "noise_comparisons": c.noise_comparisons,
+            "forwarded": c.forwarded,
+            "forward_errors": c.forward_errors,
+            "forward_unconfirmed": c.forward_unconfirmed,
+            "forward_received": c.forward_received,
         },
         "latency": {
             "live": view.live_latency,
             "shadow": view.shadow_latency,
         },
         "routes": view.routes,
-        "analysis": analysis_summary(state),
+        "analysis": analysis_summary(profile),
         "recent_divergences": recent,
-        "capture": state.capture.as_ref().map(|view| view()),
+        // Capture figures are each node's own; the cluster view does not sum them.
+        "capture": match scoped.nodes {
+            None => state.capture.as_ref().map(|view| view()),
+            Some(_) => None,
+        },
     });
+    scoped.annotate(&mut body);
     json_response(StatusCode::OK, &body)
+}
+
+/// Which figures a request asks for: this node's (`scope=local`, the default) or the whole
+/// cluster's (`scope=cluster`), merged from every live member's admin API.
+struct Scoped {
+    /// The merged profile, for the cluster scope.
+    merged: Option<Profile>,
+    /// Each member's part, for the cluster scope.
+    nodes: Option<Vec<NodeStatus>>,
+}
+
+impl Scoped {
+    async fn read(state: &ApiState, query: &Query) -> Result<Self, Response<Full<Bytes>>> {
+        match query.get("scope") {
+            None | Some("local") => Ok(Self {
+                merged: None,
+                nodes: None,
+            }),
+            Some("cluster") => Ok(match &state.cluster {
+                Some(cluster) => {
+                    let (merged, nodes) = cluster.merged_profile().await;
+                    Self {
+                        merged: Some(merged),
+                        nodes: Some(nodes),
+                    }
+                }
+                // A single node is a cluster of one.
+                None => Self {
+                    merged: None,
+                    nodes: Some(vec![NodeStatus {
+                        name: state.node.clone(),
+                        api: None,
+                        ok: true,
+                        error: None,
+                    }]),
+                },
+            }),
+            Some(other) => Err(error(
+                StatusCode::BAD_REQUEST,
+                &format!("scope={other:?} is not valid; expected local or cluster"),
+            )),
+        }
+    }
+
+    fn profile<'a>(&'a self, state: &'a ApiState) -> &'a Profile {
+        self.merged.as_ref().unwrap_or(&state.profile)
+    }
+
+    /// Adds `scope` and, for the cluster, `nodes` to an answer object.
+    fn annotate(&self, body: &mut serde_json::Value) {
+        let Some(fields) = body.as_object_mut() else {
+            return;
+        };
+        match &self.nodes {
+            Some(nodes) => {
+                fields.insert("scope".into(), json!("cluster"));
+                fields.insert("nodes".into(), json!(nodes));
+            }
+            None => {
+                fields.insert("scope".into(), json!("local"));
+            }
+        }
+    }
+}
+
+/// The newest divergences in scope: this node's, or every live member's merged (each tagged
+/// with its `node`).
+async fn scoped_recent(
+    state: &ApiState,
+    scoped: &Scoped,
+    limit: usize,
+    route: Option<String>,
+) -> Result<serde_json::Value, Response<Full<Bytes>>> {
+    let local = recent(state, limit, route.clone()).await?;
+    let (Some(cluster), Some(_)) = (&state.cluster, &scoped.nodes) else {
+        return Ok(json!(local));
+    };
+
+    let mut path = format!("/api/divergences?limit={limit}");
+    if let Some(route) = &route {
+        path.push_str("&route=");
+        path.extend(form_urlencoded::byte_serialize(route.as_bytes()));
+    }
+    let mut lists = vec![(
+        state.node.clone(),
+        local.iter().map(|s| json!(s)).collect::<Vec<_>>(),
+    )];
+    for (member, answer) in cluster.gather(&path).await {
+        let list = answer
+            .ok()
+            .and_then(|body| serde_json::from_slice::<serde_json::Value>(&body).ok())
+            .and_then(|body| body["divergences"].as_array().cloned());
+        if let Some(list) = list {
+            lists.push((member.name, list));
+        }
+    }
+    Ok(json!(cluster::merge_divergences(lists, limit)))
+}
+
+/// `GET /api/profile`: this node's profile snapshot (counters, routes, HDR histograms), which
+/// another node merges into cluster-wide figures.
+fn profile_snapshot(state: &ApiState) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(state.profile.snapshot())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// `GET /api/cluster/members`: the live members as this node sees them.
+fn cluster_members(state: &ApiState) -> Response<Full<Bytes>> {
+    match &state.cluster {
+        Some(cluster) => json_response(
+            StatusCode::OK,
+            &json!({
+                "node": cluster.local_name(),
+                "cluster": true,
+                "vnodes": cluster.vnodes(),
+                "members": cluster.members(),
+            }),
+        ),
+        None => json_response(
+            StatusCode::OK,
+            &json!({
+                "node": state.node,
+                "cluster": false,
+                "members": [{ "name": state.node }],
+            }),
+        ),
+    }
+}
+
+/// `GET /api/cluster/owner?key=K`: the member that owns routing key `K` now.
+fn cluster_owner(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
+    let Some(key) = query.get("key") else {
+        return error(StatusCode::BAD_REQUEST, "key=... is required");
+    };
+    let owner = match &state.cluster {
+        Some(cluster) => cluster.owner_of(key),
+        None => Some(state.node.clone()),
+    };
+    json_response(StatusCode::OK, &json!({ "key": key, "owner": owner }))
 }
 
 async fn divergences(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
@@ -208,8 +371,17 @@ async fn divergences(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
             }
         },
     };
-    match recent(state, limit, query.get("route").map(str::to_owned)).await {
-        Ok(list) => json_response(StatusCode::OK, &json!({ "divergences": list })),
+    let scoped = match Scoped::read(state, query).await {
+        Ok(scoped) => scoped,
+        Err(response) => return response,
+    };
+    let route = query.get("route").map(str::to_owned);
+    match scoped_recent(state, &scoped, limit, route).await {
+        Ok(list) => {
+            let mut body = json!({ "divergences": list });
+            scoped.annotate(&mut body);
+            json_response(StatusCode::OK, &body)
+        }
         Err(response) => response,
     }
 }
@@ -241,9 +413,9 @@ async fn divergence(state: &ApiState, id: &str) -> Response<Full<Bytes>> {
 
 /// The `analysis` object of `/api/stats`: how noise is learned and how the fields of every
 /// route are classified so far.
-fn analysis_summary(state: &ApiState) -> serde_json::Value {
-    let settings = state.profile.settings();
-    let reports = state.profile.route_reports();
+fn analysis_summary(profile: &Profile) -> serde_json::Value {
+    let settings = profile.settings();
+    let reports = profile.route_reports();
     let sum = |field: fn(&crate::profile::FieldTally) -> u64| -> u64 {
         reports.iter().map(|r| field(&r.fields)).sum()
     };
@@ -257,12 +429,16 @@ fn analysis_summary(state: &ApiState) -> serde_json::Value {
     })
 }
 
-/// `GET /api/routes`: every route with all its figures.
-fn routes(state: &ApiState) -> Response<Full<Bytes>> {
-    json_response(
-        StatusCode::OK,
-        &json!({ "routes": state.profile.route_reports() }),
-    )
+/// `GET /api/routes`: every route with all its figures. In the cluster scope the counters,
+/// statuses and latencies are merged; field tables stay on the node that learned them.
+async fn routes(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
+    let scoped = match Scoped::read(state, query).await {
+        Ok(scoped) => scoped,
+        Err(response) => return response,
+    };
+    let mut body = json!({ "routes": scoped.profile(state).route_reports() });
+    scoped.annotate(&mut body);
+    json_response(StatusCode::OK, &body)
 }
 
 /// `GET /api/routes/{route}` and `GET /api/routes/{route}/fields`, the route percent-encoded
@@ -298,7 +474,11 @@ fn route_detail(state: &ApiState, rest: &str) -> Response<Full<Bytes>> {
 }
 
 /// `GET /api/verdict`: the verdict with the criteria in the query, defaults from the config.
-fn verdict(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
+async fn verdict(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
+    let scoped = match Scoped::read(state, query).await {
+        Ok(scoped) => scoped,
+        Err(response) => return response,
+    };
     let mut criteria = state.profile.default_criteria();
     if let Some(text) = query.get("min_match_rate") {
         match text.parse::<f64>() {
@@ -333,7 +513,7 @@ fn verdict(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
             }
         }
     }
-    json_response(StatusCode::OK, &state.profile.verdict(&criteria))
+    json_response(StatusCode::OK, &scoped.profile(state).verdict(&criteria))
 }
 
 /// Decodes `%XX` escapes; `None` for a broken escape or bytes that are not UTF-8.

@@ -47,7 +47,7 @@ use crate::{
     config::{CLUSTER_SECRET_ENV, ClusterSection, Validated},
     exchange::Exchange,
     pipeline::{Pipeline, Router},
-    profile::{Profile, Tally},
+    profile::{Profile, RouteTemplates, Tally},
 };
 
 mod forward;
@@ -318,6 +318,9 @@ impl Cluster {
     /// admin API (`/api/profile`) and merged exactly. Each member's part is reported.
     pub async fn merged_profile(&self) -> (Profile, Vec<NodeStatus>) {
         let merged = Profile::restore(&self.profile.snapshot()).unwrap_or_default();
+        // The judgement settings are not in snapshots; every node shares this one's config.
+        // Route names arrive already resolved, so no pattern is needed to merge them.
+        merged.configure(self.profile.settings(), RouteTemplates::new(Vec::new(), 1));
         let mut statuses = vec![self.local_status()];
         for (member, answer) in self.gather("/api/profile").await {
             let answer = answer.and_then(|body| {

@@ -14,6 +14,7 @@ use specter::{
         Attachment, Capture, CaptureSettings,
         ring::{self, RingFigures},
     },
+    cluster::Cluster,
     config::{Config, Validated},
     pipeline::{ExchangeLog, Pipeline},
     profile::Profile,
@@ -353,9 +354,13 @@ fn capture_json(
     })
 }
 
+/// How long a stopping node waits for its leave message to reach another member.
+const CLUSTER_LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The stages every capture source feeds: store, profile, pipeline and the admin API.
 struct Stages {
     running: specter::pipeline::Running,
+    cluster: Option<Arc<Cluster>>,
     stop_api: watch::Sender<bool>,
     api: tokio::task::JoinHandle<()>,
 }
@@ -388,7 +393,21 @@ impl Stages {
             })?),
             None => None,
         };
-        let running = Pipeline::start(config, store.clone(), Arc::new(profile), hook, exchange_log);
+        let mut running =
+            Pipeline::start(config, store.clone(), Arc::new(profile), hook, exchange_log);
+
+        // The cluster is up before the capture source starts, so the first exchange already
+        // goes to its owner.
+        let cluster = match &settings.cluster {
+            Some(_) => {
+                let api_addr = api_listener.local_addr().unwrap_or(settings.api.listen);
+                let cluster = Cluster::start(config, running.pipeline().clone(), api_addr).await?;
+                running.set_router(cluster.clone());
+                Some(cluster)
+            }
+            None => None,
+        };
+
         let (stop_api, stop_rx) = watch::channel(false);
         let state = ApiState {
             node: config.node_name.clone(),
@@ -396,6 +415,7 @@ impl Stages {
             profile: running.pipeline().profile().clone(),
             store,
             capture,
+            cluster: cluster.clone(),
         };
         let api = tokio::spawn(api::serve(api_listener, state, async move {
             let mut rx = stop_rx;
@@ -403,6 +423,7 @@ impl Stages {
         }));
         Ok(Self {
             running,
+            cluster,
             stop_api,
             api,
         })
@@ -414,6 +435,10 @@ impl Stages {
 
     /// Drains in-flight replays up to `deadline`, then stops the API.
     async fn stop(self, deadline: std::time::Duration) {
+        // Leaving first lets the others take over this node's keys while it drains.
+        if let Some(cluster) = &self.cluster {
+            cluster.leave(CLUSTER_LEAVE_TIMEOUT).await;
+        }
         info!(?deadline, "Draining in-flight replays");
         self.running.shutdown(deadline).await;
         let _ = self.stop_api.send(true);

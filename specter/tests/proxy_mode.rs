@@ -748,3 +748,61 @@ fn graceful_shutdown_drains_replays() {
         "{stats:#}"
     );
 }
+
+#[test]
+fn bodies_over_the_cap_are_proxied_whole_but_not_compared() {
+    let dir = tempdir();
+    let live = TestServer::live(dir.path());
+    let shadow = FakeShadow::start(Duration::ZERO);
+    let config =
+        ProxyConfig::new(live.url(), shadow.url()).section("capture:\n  max_body_bytes: 1024");
+    let specter = Specter::start(dir.path(), config);
+    let client = client();
+
+    let big = get(&client, &specter.url("/big?bytes=5000"));
+    assert_eq!(big.status, 200);
+    assert_eq!(big.body.len(), 5000, "the client gets the whole body");
+    assert_eq!(get(&client, &specter.url("/big?bytes=100")).status, 200);
+
+    let stats = specter.wait_for_stats("both exchanges", |s| {
+        counter(s, "truncated") + counter(s, "mirrored") >= 2
+    });
+    assert_eq!(counter(&stats, "truncated"), 1, "{stats:#}");
+    assert_eq!(counter(&stats, "mirrored"), 1, "{stats:#}");
+    let replayed: Vec<String> = shadow.requests().iter().map(|r| r.target.clone()).collect();
+    assert_eq!(
+        replayed,
+        ["/big?bytes=100"],
+        "a truncated exchange is never replayed"
+    );
+}
+
+#[test]
+fn divergence_only_stores_just_the_divergent_exchanges() {
+    let dir = tempdir();
+    let live = TestServer::live(dir.path());
+    let shadow = TestServer::shadow(dir.path());
+    let config =
+        ProxyConfig::new(live.url(), shadow.url()).section("sampling:\n  divergence_only: true");
+    let specter = Specter::start(dir.path(), config);
+    let client = client();
+
+    for path in ["/users/1", "/users/2", "/profile", "/users/3"] {
+        assert_eq!(get(&client, &specter.url(path)).status, 200);
+    }
+    let stats = specter.wait_for_stats("four comparisons", |s| counter(s, "mirrored") >= 4);
+    assert_eq!(
+        (counter(&stats, "matched"), counter(&stats, "diverged")),
+        (3, 1)
+    );
+
+    let divergent = specter.wait_for_divergences("limit=100", 1);
+    assert_eq!(divergent.len(), 1);
+    let id = divergent[0]["id"].as_u64().unwrap();
+    // Matched exchanges were never written: the ids around the divergence do not exist.
+    for other in (1..=6).filter(|n| *n != id) {
+        let url = format!("http://{}/api/divergences/{other}", specter.api);
+        let response = client.get(url).send().unwrap();
+        assert_eq!(response.status().as_u16(), 404, "event {other} was stored");
+    }
+}

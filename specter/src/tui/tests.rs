@@ -641,12 +641,35 @@ fn drill_down_marks_differences_on_noise_fields() {
     .expect("differences read");
     app.update(Input::Reply(Reply::Divergence(42, Ok(Box::new(event)))));
 
-    let text = screen_text(&app, 80, 24);
+    for (width, height) in [(80, 24), (120, 40)] {
+        let text = screen_text(&app, width, height);
+        assert!(
+            text.contains("x-request-id") && text.contains("(noise)"),
+            "{text}"
+        );
+        let total = text
+            .lines()
+            .find(|l| l.contains("/total"))
+            .expect("a /total row");
+        assert!(!total.contains("(noise)"), "{text}");
+        assert!(total.contains("19.0") && total.contains("19.5"), "{text}");
+    }
+    let text = screen_text(&app, 120, 40);
     assert!(text.contains("header x-request-id (noise)"), "{text}");
-    let total = text
-        .lines()
-        .find(|l| l.contains("/total"))
-        .expect("a /total row");
-    assert!(!total.contains("(noise)"), "{text}");
-    assert!(total.contains("19.0") && total.contains("19.5"), "{text}");
+}
+
+#[test]
+fn wrapping_breaks_between_words_and_cuts_only_long_ones() {
+    assert_eq!(
+        ui::wrap("header x-request-id (noise)", 23),
+        ["header x-request-id", "(noise)"]
+    );
+    assert_eq!(ui::wrap("abcdefghij", 4), ["abcd", "efgh", "ij"]);
+    assert_eq!(
+        ui::wrap("  \"a\": 1", 20),
+        ["  \"a\": 1"],
+        "indentation stays"
+    );
+    assert_eq!(ui::wrap("ab\n\ncd", 5), ["ab", "", "cd"]);
+    assert_eq!(ui::wrap("", 5), [""]);
 }

@@ -661,18 +661,46 @@ fn noise_lines(report: &FieldsReport, width: u16) -> Vec<Line<'static>> {
     lines
 }
 
-/// Splits `text` into pieces of at most `width` characters, keeping its own line breaks.
-fn wrap(text: &str, width: usize) -> Vec<String> {
+/// Splits `text` into lines of at most `width` characters, keeping its own line breaks. Lines
+/// break between words where they can; a word longer than the width (a URL, a JSON value
+/// without spaces) is cut. Leading spaces stay, so pretty-printed JSON keeps its indentation.
+pub(super) fn wrap(text: &str, width: usize) -> Vec<String> {
     let width = width.max(1);
     let mut pieces = Vec::new();
     for line in text.split('\n') {
-        let chars: Vec<char> = line.chars().collect();
-        if chars.is_empty() {
-            pieces.push(String::new());
+        let mut current = String::new();
+        let mut length = 0;
+        let mut started = false;
+        for word in line.split(' ') {
+            let word_length = word.chars().count();
+            let separator = usize::from(started);
+            if length + separator + word_length <= width {
+                if started {
+                    current.push(' ');
+                }
+                current.push_str(word);
+                length += separator + word_length;
+                started = true;
+                continue;
+            }
+
+            if length > 0 {
+                pieces.push(std::mem::take(&mut current));
+                length = 0;
+            }
+            let chars: Vec<char> = word.chars().collect();
+            let mut chunks = chars.chunks(width).peekable();
+            while let Some(chunk) = chunks.next() {
+                if chunks.peek().is_some() {
+                    pieces.push(chunk.iter().collect());
+                } else {
+                    current = chunk.iter().collect();
+                    length = chunk.len();
+                }
+            }
+            started = true;
         }
-        for chunk in chars.chunks(width) {
-            pieces.push(chunk.iter().collect());
-        }
+        pieces.push(current);
     }
     pieces
 }

@@ -755,3 +755,42 @@ pub fn run_proxy_to_exit(dir: &Path, yaml: &str, deadline: Duration) -> (ExitSta
     let status = child.wait_exit(deadline);
     (status, child.log_text())
 }
+
+/// What a short-lived `specter` command printed, and how it exited.
+#[derive(Debug)]
+pub struct CliRun {
+    /// The exit code; `None` when a signal ended the process.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `specter <args>` to completion (a client command such as `verdict`), panicking if it is
+/// still running after `deadline`.
+pub fn run_cli(args: &[&str], deadline: Duration) -> CliRun {
+    let mut child = Command::new(SPECTER)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start specter {args:?}: {e}"));
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("poll child status").is_some() {
+            break;
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("specter {args:?} did not exit within {deadline:?}");
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    let output = child.wait_with_output().expect("collect specter output");
+    CliRun {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}

@@ -332,7 +332,7 @@ fn cluster_members(state: &ApiState) -> Response<Full<Bytes>> {
                 "node": cluster.local_name(),
                 "cluster": true,
                 "vnodes": cluster.vnodes(),
-                "members": cluster.members(),
+                "members": &cluster.members()[..],
             }),
         ),
         None => json_response(

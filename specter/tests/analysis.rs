@@ -16,7 +16,6 @@ use std::{
 };
 
 use reqwest::blocking::Client;
-use serde_json::Value;
 use tempfile::TempDir;
 
 use harness::{ProxyConfig, Specter, TestServer, client, counter, run_cli, wait_until};
@@ -147,10 +146,14 @@ fn assert_only_value_counts(specter: &Specter, client: &Client) {
     );
 
     let list = specter.wait_for_divergences(&format!("route={}", encode_route("GET /noise")), 1);
-    let newest = &list[0];
+    let newest = list
+        .iter()
+        .max_by_key(|e| e["id"].as_u64())
+        .expect("a divergence");
     assert_eq!(newest["differences"], 1, "{newest:#}");
     assert_eq!(newest["paths"], serde_json::json!(["body:/value"]));
-    assert_eq!(newest["noise_differences"], 2, "{newest:#}");
+    // `generated_at` has millisecond resolution, so live and shadow may share it now and then.
+    assert!(newest["noise_differences"].as_u64() >= Some(1), "{newest:#}");
 
     let event = specter.api_json(&format!("/api/divergences/{}", newest["id"]));
     let flags: Vec<(String, bool)> = event["differences"]
@@ -166,7 +169,10 @@ fn assert_only_value_counts(specter: &Specter, client: &Client) {
         .collect();
     assert!(flags.contains(&("/value".to_owned(), false)), "{flags:?}");
     assert!(flags.contains(&("/request_id".to_owned(), true)), "{flags:?}");
-    assert!(flags.contains(&("/generated_at".to_owned(), true)), "{flags:?}");
+    assert!(
+        !flags.contains(&("/generated_at".to_owned(), false)),
+        "{flags:?}"
+    );
 }
 
 #[test]
@@ -186,12 +192,9 @@ fn noise_is_learned_from_a_secondary_copy_of_live() {
     assert_only_value_counts(&specter, &client);
 
     // Every mirrored exchange went to the secondary too, counted apart from mirrored ones.
-    let stats = specter.stats();
-    assert_eq!(
-        counter(&stats, "noise_replays"),
-        counter(&stats, "mirrored"),
-        "{stats:#}"
-    );
+    let stats = specter.wait_for_stats("one secondary replay per mirrored exchange", |s| {
+        counter(s, "noise_replays") == counter(s, "mirrored")
+    });
     assert_eq!(stats["analysis"]["noise_learning"], "secondary");
     let noise = specter.api_json(&format!("/api/routes/{}", encode_route("GET /noise")));
     assert!(noise["noise_samples"]["secondary"].as_u64().unwrap() >= 10);

@@ -79,6 +79,20 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    // The tests drive real tools and a real PostgreSQL; install and start them where we can.
+    if hosts::is_root() {
+        run(Command::new("bash").arg(root.join("scripts/test-deps.sh")))
+            .context("installing the test dependencies failed")?;
+    } else {
+        eprintln!(
+            "xtask: not root: the attach-mode tests will fail, and scripts/test-deps.sh \
+             (tools, PostgreSQL) was not run"
+        );
+    }
+    let dsn = std::env::var("SPECTER_TEST_POSTGRES_DSN").unwrap_or_else(|_| {
+        "host=127.0.0.1 user=postgres password=postgres dbname=specter_test".to_owned()
+    });
+
     run(Command::new("cargo")
         .current_dir(root)
         .args(["fmt", "--all", "--", "--check"]))

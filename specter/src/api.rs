@@ -190,6 +190,7 @@ async fn stats(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
             "shadow_dropped": c.shadow_dropped,
             "live_errors": c.live_errors,
             "store_dropped": c.store_dropped,
+            "exchange_log_dropped": c.exchange_log_dropped,
             "match_rate": view.match_rate,
             "noise_replays": c.noise_replays,
             "noise_comparisons": c.noise_comparisons,
@@ -414,19 +415,7 @@ async fn divergence(state: &ApiState, id: &str) -> Response<Full<Bytes>> {
 /// The `analysis` object of `/api/stats`: how noise is learned and how the fields of every
 /// route are classified so far.
 fn analysis_summary(profile: &Profile) -> serde_json::Value {
-    let settings = profile.settings();
-    let reports = profile.route_reports();
-    let sum = |field: fn(&crate::profile::FieldTally) -> u64| -> u64 {
-        reports.iter().map(|r| field(&r.fields)).sum()
-    };
-    json!({
-        "noise_learning": settings.noise_learning,
-        "routes": reports.len(),
-        "divergent_fields": sum(|f| f.divergence),
-        "noise_fields": sum(|f| f.noise),
-        "pending_fields": sum(|f| f.pending),
-        "shadow_slower_routes": reports.iter().filter(|r| r.view.shadow_slower).count(),
-    })
+    json!(profile.analysis_summary())
 }
 
 /// `GET /api/routes`: every route with all its figures. In the cluster scope the counters,

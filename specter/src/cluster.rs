@@ -300,7 +300,10 @@ impl Cluster {
 
     /// The member that owns `key` now.
     pub fn owner_of(&self, key: &str) -> Option<String> {
-        self.placement().ring.owner(key.as_bytes()).map(str::to_owned)
+        self.placement()
+            .ring
+            .owner(key.as_bytes())
+            .map(str::to_owned)
     }
 
     /// Leaves the cluster and stops taking jobs from other nodes; called on shutdown, before
@@ -397,13 +400,11 @@ impl Router for Cluster {
         let Some(&addr) = placement.forward.get(owner) else {
             return Some(exchange);
         };
-        match self.forwarder.ship(owner, addr, exchange) {
-            Ok(()) => None,
-            Err(exchange) => {
-                self.profile.tally(Tally::ForwardError);
-                Some(exchange)
-            }
+        let refused = self.forwarder.ship(owner, addr, exchange);
+        if refused.is_some() {
+            self.profile.tally(Tally::ForwardError);
         }
+        refused
     }
 }
 
@@ -512,7 +513,7 @@ pub fn merge_divergences(
             v["id"].as_u64().unwrap_or(0),
         )
     };
-    all.sort_by(|a, b| key(b).cmp(&key(a)));
+    all.sort_by_key(|summary| std::cmp::Reverse(key(summary)));
     all.truncate(limit);
     all
 }

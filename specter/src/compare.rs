@@ -218,8 +218,7 @@ impl CompareOptions {
         self.ignores(header)
             || FRAMING_HEADERS.contains(&header)
             || self.ignore.iter().any(|rule| {
-                matches!(&rule.ignored, Ignored::Header(h) if h == header)
-                    && rule.applies_to(route)
+                matches!(&rule.ignored, Ignored::Header(h) if h == header) && rule.applies_to(route)
             })
     }
 
@@ -274,7 +273,6 @@ enum DecodeError {
     )]
     TooLarge { coding: String },
 }
-
 
 /// The differences between two responses, most severe first.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -340,14 +338,25 @@ pub fn compare_exchange(
             Some(&json!(second.status)),
         );
     }
-    compare_headers(context, &first.headers, &second.headers, options, &mut found);
+    compare_headers(
+        context,
+        &first.headers,
+        &second.headers,
+        options,
+        &mut found,
+    );
     compare_bodies(context, first, second, options, &mut found);
 
     found.finish()
 }
 
 /// How much a difference matters; see [`Severity`].
-pub fn severity(kind: DiffKind, op: DiffOp, live: Option<&Value>, shadow: Option<&Value>) -> Severity {
+pub fn severity(
+    kind: DiffKind,
+    op: DiffOp,
+    live: Option<&Value>,
+    shadow: Option<&Value>,
+) -> Severity {
     match (kind, op) {
         (DiffKind::Status, _) => {
             let class = |v: Option<&Value>| v.and_then(Value::as_u64).map(|s| s / 100);
@@ -434,7 +443,7 @@ impl<'o> Found<'o> {
 
     fn finish(mut self) -> Comparison {
         // Stable: differences of one severity keep the order they were found in.
-        self.kept.sort_by(|a, b| b.severity.cmp(&a.severity));
+        self.kept.sort_by_key(|d| std::cmp::Reverse(d.severity));
         Comparison {
             differences: self.kept,
             total: self.total,
@@ -517,7 +526,12 @@ fn header_values_equal(
 fn set_members(values: &[&[u8]]) -> Vec<String> {
     let mut members: Vec<String> = values
         .iter()
-        .flat_map(|v| String::from_utf8_lossy(v).into_owned().split(',').map(|m| m.trim().to_owned()).collect::<Vec<_>>())
+        .flat_map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|m| m.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
         .filter(|m| !m.is_empty())
         .collect();
     members.sort_unstable();
@@ -557,7 +571,14 @@ fn own_host_mapped<'v>(
     if !own {
         return Cow::Borrowed(value);
     }
-    Cow::Owned(format!("{}//{OWN_HOST}{}", scheme.to_ascii_lowercase(), &rest[end..]).into_bytes())
+    Cow::Owned(
+        format!(
+            "{}//{OWN_HOST}{}",
+            scheme.to_ascii_lowercase(),
+            &rest[end..]
+        )
+        .into_bytes(),
+    )
 }
 
 /// An authority lower-cased, without user info and without the default HTTP(S) port.
@@ -613,7 +634,10 @@ fn compare_bodies<'o>(
 
         // A body we cannot read is never taken for a match.
         (first_decoded, second_decoded) => {
-            for (side, decoded) in [(context.sides.0, &first_decoded), (context.sides.1, &second_decoded)] {
+            for (side, decoded) in [
+                (context.sides.0, &first_decoded),
+                (context.sides.1, &second_decoded),
+            ] {
                 if let Err(error) = decoded {
                     debug!(%error, ?side, "Body could not be decoded");
                 }
@@ -667,7 +691,10 @@ fn compare_bodies<'o>(
         (Some(_), None) | (None, Some(_)) => {
             let mut first_summary = body_summary(&first_body);
             let mut second_summary = body_summary(&second_body);
-            for (summary, body) in [(&mut first_summary, &first_body), (&mut second_summary, &second_body)] {
+            for (summary, body) in [
+                (&mut first_summary, &first_body),
+                (&mut second_summary, &second_body),
+            ] {
                 if let Value::Object(fields) = summary {
                     fields.insert("format".to_owned(), json!(body_format(body)));
                 }
@@ -970,7 +997,6 @@ fn context(line: &str, from: usize) -> String {
         .collect()
 }
 
-
 /// Walks two JSON values together, recording each differing leaf under its JSON Pointer.
 struct Walker<'w, 'o> {
     route: &'w str,
@@ -983,7 +1009,9 @@ impl Walker<'_, '_> {
     /// at paths `compare.unordered` names.
     fn diff(&mut self, live: &Value, shadow: &Value, path: &mut String, depth: usize) {
         match (live, shadow) {
-            (Value::Object(live_fields), Value::Object(shadow_fields)) if depth < MAX_JSON_DEPTH => {
+            (Value::Object(live_fields), Value::Object(shadow_fields))
+                if depth < MAX_JSON_DEPTH =>
+            {
                 for (key, live_value) in live_fields {
                     let parent_len = path.len();
                     push_pointer_token(path, key);
@@ -1176,7 +1204,6 @@ fn push_pointer_token(path: &mut String, token: &str) {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests;

@@ -644,6 +644,29 @@ impl Config {
                 "a power of two of at least 4096 (e.g. 67108864 for 64 MiB)",
             ));
         }
+        if self.capture.ports.len() > specter_common::MAX_PORTS as usize {
+            return Err(invalid(
+                "capture.ports",
+                format!("{} ports", self.capture.ports.len()),
+                &format!("at most {} ports", specter_common::MAX_PORTS),
+            ));
+        }
+        for (key, value) in [
+            ("capture.idle_timeout", self.capture.idle_timeout),
+            ("specter.live_timeout", self.specter.live_timeout),
+            ("specter.connect_timeout", self.specter.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "0s".into(), "a duration above zero"));
+            }
+        }
+        if self.capture.max_out_of_order_bytes == 0 {
+            return Err(invalid(
+                "capture.max_out_of_order_bytes",
+                "0".into(),
+                "at least 1",
+            ));
+        }
         if self.capture.ports.contains(&0) {
             return Err(invalid(
                 "capture.ports",
@@ -683,7 +706,7 @@ impl Config {
         };
 
         if let Some(cluster) = &self.cluster {
-            cluster.validate(&invalid)?;
+            cluster.validate(invalid)?;
         }
 
         let node_name = self
@@ -735,8 +758,14 @@ impl Config {
             ("compare.max_differences", compare.max_differences as u64),
             ("compare.min_samples", compare.min_samples),
             ("compare.min_noise_samples", compare.min_noise_samples),
-            ("compare.max_fields_per_route", compare.max_fields_per_route as u64),
-            ("routes.max_segment_values", self.routes.max_segment_values as u64),
+            (
+                "compare.max_fields_per_route",
+                compare.max_fields_per_route as u64,
+            ),
+            (
+                "routes.max_segment_values",
+                self.routes.max_segment_values as u64,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {

@@ -192,7 +192,7 @@ impl Event {
     pub fn summary(&self) -> EventSummary {
         let mut counted: Vec<&Difference> = self.differences.iter().filter(|d| !d.noise).collect();
         // Stable, so differences of one severity keep the order compare found them in.
-        counted.sort_by(|a, b| b.severity.cmp(&a.severity));
+        counted.sort_by_key(|d| std::cmp::Reverse(d.severity));
         EventSummary {
             id: self.id,
             time_ms: self.time_ms,

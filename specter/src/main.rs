@@ -149,7 +149,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             None,
         ) => run_attach(Config::load(&config)?, iface, ports, no_fallback).await,
         (Some(Command::CheckConfig { config }), None, None) => {
-            let validated = Config::load(&config)?;
+            let mut validated = Config::load(&config)?;
+            // The DSN may carry a password; the printout must not.
+            if let Some(dsn) = validated.config.store.postgres_dsn.as_mut() {
+                *dsn = specter::store::redact_dsn(dsn);
+            }
             println!("{:#?}", validated.config);
             Ok(())
         }

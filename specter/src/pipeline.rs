@@ -184,9 +184,8 @@ impl Pipeline {
             } else {
                 0.0
             },
-            live_noise: learn_from_traffic.then(|| {
-                Mutex::new(LiveNoiseCache::new(compare_section.live_noise_cache_bytes))
-            }),
+            live_noise: learn_from_traffic
+                .then(|| Mutex::new(LiveNoiseCache::new(compare_section.live_noise_cache_bytes))),
             compare: CompareOptions::from_config(
                 compare_section,
                 config.live.as_ref(),
@@ -407,8 +406,12 @@ async fn mirror(shared: &Shared, exchange: Exchange) {
 
     let (outcome, comparison, error) = match &primary {
         Ok(answer) => {
-            let mut comparison =
-                compare::compare_exchange(&context, &exchange.response, &answer.response, &shared.compare);
+            let mut comparison = compare::compare_exchange(
+                &context,
+                &exchange.response,
+                &answer.response,
+                &shared.compare,
+            );
             let outcome = shared.profile.judge(&route, &mut comparison.differences);
             (outcome, comparison, None)
         }

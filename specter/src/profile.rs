@@ -225,6 +225,8 @@ struct State {
     counters: Counters,
     routes: BTreeMap<String, RouteCounters>,
     details: HashMap<String, RouteDetail>,
+    // Limitation: the field tables are not part of the snapshot, so after a restart noise is
+    // learned again from the start; see docs/analysis.md.
     analysis: HashMap<String, RouteAnalysis>,
     /// Fields tracked over all routes.
     fields_total: usize,
@@ -334,6 +336,17 @@ pub struct FieldTally {
     pub pending: u64,
     /// Differences on fields past `compare.max_fields_per_route`; they always count.
     pub untracked_differences: u64,
+}
+
+/// How the analysis stands over every route, for `/api/stats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AnalysisSummary {
+    pub noise_learning: NoiseLearning,
+    pub routes: usize,
+    pub divergent_fields: u64,
+    pub noise_fields: u64,
+    pub pending_fields: u64,
+    pub shadow_slower_routes: usize,
 }
 
 /// The fields of one route, as `GET /api/routes/{route}/fields` shows them.
@@ -574,14 +587,16 @@ impl Profile {
         for difference in differences.iter_mut() {
             let classification = match analysis {
                 Some(analysis) => analysis.judge(difference, &rule, expected).classification,
-                None => noise::classify(
-                    &rule,
-                    &noise::Evidence {
-                        noise_expected: expected,
-                        ..noise::Evidence::default()
-                    },
-                )
-                .classification,
+                None => {
+                    noise::classify(
+                        &rule,
+                        &noise::Evidence {
+                            noise_expected: expected,
+                            ..noise::Evidence::default()
+                        },
+                    )
+                    .classification
+                }
             };
             difference.noise = classification == Classification::Noise;
             diverged |= !difference.noise;
@@ -644,7 +659,11 @@ impl Profile {
         let replayed = source != NoiseSource::Live;
         if replayed {
             state.counters.noise_replays += 1;
-            state.details.entry(route.clone()).or_default().noise_replays += 1;
+            state
+                .details
+                .entry(route.clone())
+                .or_default()
+                .noise_replays += 1;
         }
         let Some(differences) = differences else {
             return;
@@ -730,11 +749,32 @@ impl Profile {
             compared: analysis.compared,
             noise_samples: noise_samples(&analysis),
             noise_learning: state.settings.noise_learning,
-            fields: analysis.reports(
-                &state.settings.noise_rule,
-                state.noise_expected(route),
-            ),
+            fields: analysis.reports(&state.settings.noise_rule, state.noise_expected(route)),
         })
+    }
+
+    /// How the analysis stands over every route: counts only, so it is cheap enough for every
+    /// `/api/stats`.
+    pub fn analysis_summary(&self) -> AnalysisSummary {
+        let state = self.lock();
+        let mut summary = AnalysisSummary {
+            noise_learning: state.settings.noise_learning,
+            routes: state.routes.len(),
+            divergent_fields: 0,
+            noise_fields: 0,
+            pending_fields: 0,
+            shadow_slower_routes: 0,
+        };
+        for (route, figures) in &state.routes {
+            let tally = state.field_tally(route);
+            summary.divergent_fields += tally.divergence;
+            summary.noise_fields += tally.noise;
+            summary.pending_fields += tally.pending;
+            if state.route_view(route, figures).shadow_slower {
+                summary.shadow_slower_routes += 1;
+            }
+        }
+        summary
     }
 
     /// The criteria the verdict uses when a caller gives none.
@@ -938,9 +978,21 @@ impl State {
             noise_replays: detail.noise_replays,
             noise_samples: analysis.map(noise_samples).unwrap_or_default(),
             status_matrix,
-            worst_severity: reports.iter().filter(counted).filter_map(|r| r.severity).max(),
-            fields: self.field_tally(route),
-            top_fields: reports.iter().filter(counted).take(TOP_FIELDS).cloned().collect(),
+            worst_severity: reports
+                .iter()
+                .filter(counted)
+                .filter_map(|r| r.severity)
+                .max(),
+            fields: FieldTally::of(
+                reports.iter().map(|r| r.classification),
+                analysis.map_or(0, |a| a.untracked),
+            ),
+            top_fields: reports
+                .iter()
+                .filter(counted)
+                .take(TOP_FIELDS)
+                .cloned()
+                .collect(),
             noisy_fields: reports
                 .iter()
                 .filter(|r| r.classification == Classification::Noise)
@@ -954,12 +1006,21 @@ impl State {
         let Some(analysis) = self.analysis.get(route) else {
             return FieldTally::default();
         };
+        FieldTally::of(
+            analysis.classifications(&self.settings.noise_rule, self.noise_expected(route)),
+            analysis.untracked,
+        )
+    }
+}
+
+impl FieldTally {
+    fn of(classifications: impl IntoIterator<Item = Classification>, untracked: u64) -> Self {
         let mut tally = FieldTally {
-            untracked_differences: analysis.untracked,
+            untracked_differences: untracked,
             ..FieldTally::default()
         };
-        for report in analysis.reports(&self.settings.noise_rule, self.noise_expected(route)) {
-            match report.classification {
+        for classification in classifications {
+            match classification {
                 Classification::Divergence => tally.divergence += 1,
                 Classification::Noise => tally.noise += 1,
                 Classification::Pending => tally.pending += 1,

@@ -24,6 +24,11 @@ use crate::{
 mod postgres;
 mod redb;
 
+/// A PostgreSQL DSN with its password replaced, for logs and printouts.
+pub fn redact_dsn(dsn: &str) -> String {
+    postgres::redact_dsn(dsn)
+}
+
 /// Keeps events and the profile snapshot; shared by the recorder and the API.
 pub trait Store: Send + Sync + 'static {
     /// Appends events (their ids already assigned, increasing) and saves the opaque profile

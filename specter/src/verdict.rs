@@ -183,16 +183,8 @@ pub fn render(verdict: &Verdict) -> String {
         .unwrap_or(5);
     let _ = writeln!(
         out,
-        "{:<width$}  {:>8}  {:>8}  {:>8}  {:>6}  {:>8}  {:>17}  {:>7}  {}",
-        "ROUTE",
-        "MIRRORED",
-        "MATCHED",
-        "DIVERGED",
-        "ERRORS",
-        "MATCH",
-        "95% CI",
-        "LATENCY",
-        "VERDICT"
+        "{:<width$}  {:>8}  {:>8}  {:>8}  {:>6}  {:>8}  {:>17}  {:>7}  VERDICT",
+        "ROUTE", "MIRRORED", "MATCHED", "DIVERGED", "ERRORS", "MATCH", "95% CI", "LATENCY",
     );
     for route in &verdict.routes {
         let _ = writeln!(out, "{}", row(route, width));

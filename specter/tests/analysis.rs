@@ -16,6 +16,7 @@ use std::{
 };
 
 use reqwest::blocking::Client;
+use serde_json::Value;
 use tempfile::TempDir;
 
 use harness::{ProxyConfig, Specter, TestServer, client, counter, run_cli, wait_until};
@@ -107,10 +108,33 @@ fn warm_up_noise(specter: &Specter, client: &Client) -> Vec<(String, String)> {
     }
 }
 
+/// The stored divergences of `GET /noise`, once every mirrored exchange of it is stored (each
+/// one diverges, on `/value` at least).
+fn stored_noise_events(specter: &Specter) -> Vec<Value> {
+    let route_path = format!("/api/routes/{}", encode_route("GET /noise"));
+    let list_path = format!(
+        "/api/divergences?limit=1000&route={}",
+        encode_route("GET /noise")
+    );
+    wait_until("every /noise event to be stored", WARM_UP_DEADLINE, || {
+        let mirrored = specter.api_json(&route_path)["mirrored"].as_u64()?;
+        let list = specter.api_json(&list_path)["divergences"]
+            .as_array()?
+            .clone();
+        (list.len() as u64 == mirrored).then_some(list)
+    })
+}
+
 /// After warm-up: a fresh `/noise` exchange counts `/value` only, with the noise stored beside
 /// it and marked, and the route's figures add up.
 fn assert_only_value_counts(specter: &Specter, client: &Client) {
     let route_path = format!("/api/routes/{}", encode_route("GET /noise"));
+    let warm_up_events = stored_noise_events(specter);
+    let last_warm_up_id = warm_up_events
+        .iter()
+        .filter_map(|e| e["id"].as_u64())
+        .max()
+        .unwrap_or(0);
     let before = specter.api_json(&route_path);
     drive(specter, client, "/noise", 5);
     let after = specter.api_json(&route_path);
@@ -145,34 +169,43 @@ fn assert_only_value_counts(specter: &Specter, client: &Client) {
         "{after:#}"
     );
 
-    let list = specter.wait_for_divergences(&format!("route={}", encode_route("GET /noise")), 1);
-    let newest = list
-        .iter()
-        .max_by_key(|e| e["id"].as_u64())
-        .expect("a divergence");
-    assert_eq!(newest["differences"], 1, "{newest:#}");
-    assert_eq!(newest["paths"], serde_json::json!(["body:/value"]));
-    // `generated_at` has millisecond resolution, so live and shadow may share it now and then.
-    assert!(newest["noise_differences"].as_u64() >= Some(1), "{newest:#}");
-
-    let event = specter.api_json(&format!("/api/divergences/{}", newest["id"]));
-    let flags: Vec<(String, bool)> = event["differences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["path"].as_str().unwrap().to_owned(),
-                d["noise"].as_bool().unwrap(),
-            )
-        })
+    let fresh: Vec<Value> = stored_noise_events(specter)
+        .into_iter()
+        .filter(|e| e["id"].as_u64() > Some(last_warm_up_id))
         .collect();
-    assert!(flags.contains(&("/value".to_owned(), false)), "{flags:?}");
-    assert!(flags.contains(&("/request_id".to_owned(), true)), "{flags:?}");
-    assert!(
-        !flags.contains(&("/generated_at".to_owned(), false)),
-        "{flags:?}"
-    );
+    assert_eq!(fresh.len(), 5);
+    for summary in &fresh {
+        assert_eq!(summary["differences"], 1, "{summary:#}");
+        assert_eq!(summary["paths"], serde_json::json!(["body:/value"]));
+        // `generated_at` has millisecond resolution, so live and shadow may share it now and
+        // then; `request_id` never.
+        assert!(
+            summary["noise_differences"].as_u64() >= Some(1),
+            "{summary:#}"
+        );
+
+        let event = specter.api_json(&format!("/api/divergences/{}", summary["id"]));
+        let flags: Vec<(String, bool)> = event["differences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["path"].as_str().unwrap().to_owned(),
+                    d["noise"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        assert!(flags.contains(&("/value".to_owned(), false)), "{flags:?}");
+        assert!(
+            flags.contains(&("/request_id".to_owned(), true)),
+            "{flags:?}"
+        );
+        assert!(
+            !flags.contains(&("/generated_at".to_owned(), false)),
+            "{flags:?}"
+        );
+    }
 }
 
 #[test]
@@ -206,9 +239,8 @@ fn noise_is_learned_from_traffic_without_a_secondary() {
     let dir = tempdir();
     let live = TestServer::live(dir.path());
     let shadow = TestServer::shadow(dir.path());
-    let config = ProxyConfig::new(live.url(), shadow.url()).section(
-        "compare:\n  min_samples: 20\n  min_noise_samples: 10\n  noise_sample_rate: 0.5",
-    );
+    let config = ProxyConfig::new(live.url(), shadow.url())
+        .section("compare:\n  min_samples: 20\n  min_noise_samples: 10\n  noise_sample_rate: 0.5");
     let specter = Specter::start(dir.path(), config);
     let client = client();
 
@@ -218,8 +250,14 @@ fn noise_is_learned_from_traffic_without_a_secondary() {
 
     // Both learned sources saw the route: the shadow replayed twice, and live repeats.
     let noise = specter.api_json(&format!("/api/routes/{}", encode_route("GET /noise")));
-    assert!(noise["noise_samples"]["live"].as_u64().unwrap() >= 10, "{noise:#}");
-    assert!(noise["noise_samples"]["shadow"].as_u64().unwrap() > 0, "{noise:#}");
+    assert!(
+        noise["noise_samples"]["live"].as_u64().unwrap() >= 10,
+        "{noise:#}"
+    );
+    assert!(
+        noise["noise_samples"]["shadow"].as_u64().unwrap() > 0,
+        "{noise:#}"
+    );
     let stats = specter.stats();
     assert_eq!(stats["analysis"]["noise_learning"], "learned");
     let replays = counter(&stats, "noise_replays");
@@ -318,7 +356,12 @@ fn ids_share_a_route_and_random_paths_do_not_explode_the_routes() {
         .collect();
     assert!(names.contains(&"GET /users/{id}"), "{names:?}");
     assert!(names.contains(&"GET /catalog/{id}"), "{names:?}");
-    assert!(names.len() <= 3, "{} routes: {:?}", names.len(), &names[..names.len().min(10)]);
+    assert!(
+        names.len() <= 3,
+        "{} routes: {:?}",
+        names.len(),
+        &names[..names.len().min(10)]
+    );
     let users = routes["routes"]
         .as_array()
         .unwrap()
@@ -326,7 +369,10 @@ fn ids_share_a_route_and_random_paths_do_not_explode_the_routes() {
         .find(|r| r["route"] == "GET /users/{id}")
         .unwrap();
     assert_eq!(users["mirrored"], 2);
-    let catalog = specter.api_json(&format!("/api/routes/{}", encode_route("GET /catalog/{id}")));
+    let catalog = specter.api_json(&format!(
+        "/api/routes/{}",
+        encode_route("GET /catalog/{id}")
+    ));
     assert_eq!(catalog["mirrored"], PATHS, "{catalog:#}");
     assert_eq!(catalog["status_matrix"]["404"]["404"], PATHS, "{catalog:#}");
 }
@@ -354,7 +400,10 @@ fn verdict_exits_0_on_pass_1_on_fail_and_2_without_enough_evidence() {
     // Nothing mirrored yet: not enough evidence.
     let run = verdict(&specter, &lenient);
     assert_eq!(run.code, Some(2), "{run:?}");
-    assert!(run.stdout.contains("verdict: insufficient evidence"), "{run:?}");
+    assert!(
+        run.stdout.contains("verdict: insufficient evidence"),
+        "{run:?}"
+    );
 
     // An identical endpoint: passes once it has its samples.
     drive(&specter, &client, "/users/7", 25);
@@ -364,7 +413,10 @@ fn verdict_exits_0_on_pass_1_on_fail_and_2_without_enough_evidence() {
     assert!(run.stdout.contains("verdict: pass"), "{run:?}");
 
     // Asking for more samples than there are: not enough evidence again.
-    let run = verdict(&specter, &["--min-samples", "1000", "--max-latency-ratio", "1000"]);
+    let run = verdict(
+        &specter,
+        &["--min-samples", "1000", "--max-latency-ratio", "1000"],
+    );
     assert_eq!(run.code, Some(2), "{run:?}");
 
     // `/orders/{id}` changes `/total`: once that field is classified, the shadow fails.
@@ -375,7 +427,10 @@ fn verdict_exits_0_on_pass_1_on_fail_and_2_without_enough_evidence() {
         if class_of(&classifications(&specter, orders), "/total") == Some("divergence") {
             break;
         }
-        assert!(started.elapsed() < WARM_UP_DEADLINE, "/total never classified");
+        assert!(
+            started.elapsed() < WARM_UP_DEADLINE,
+            "/total never classified"
+        );
     }
     let run = verdict(&specter, &lenient);
     assert_eq!(run.code, Some(1), "{run:?}");
@@ -392,12 +447,19 @@ fn verdict_exits_0_on_pass_1_on_fail_and_2_without_enough_evidence() {
         .iter()
         .map(|r| (r["route"].as_str().unwrap(), r["verdict"].as_str().unwrap()))
         .collect();
-    assert!(by_route.contains(&("GET /users/{id}", "pass")), "{by_route:?}");
+    assert!(
+        by_route.contains(&("GET /users/{id}", "pass")),
+        "{by_route:?}"
+    );
     assert!(by_route.contains(&(orders, "fail")), "{by_route:?}");
 
     // A node that cannot be reached gives no verdict at all, never a pass.
     let run = run_cli(
-        &["verdict", "--api", &format!("http://{}", harness::closed_addr())],
+        &[
+            "verdict",
+            "--api",
+            &format!("http://{}", harness::closed_addr()),
+        ],
         Duration::from_secs(30),
     );
     assert_eq!(run.code, Some(3), "{run:?}");

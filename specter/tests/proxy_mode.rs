@@ -72,6 +72,10 @@ fn get(client: &Client, url: &str) -> Answer {
     send(client, "GET", url, None)
 }
 
+/// Turns off the second shadow replays noise learning sends (see docs/analysis.md), for tests
+/// that count every request the shadow receives.
+const NO_NOISE_REPLAYS: &str = "compare:\n  noise_sample_rate: 0";
+
 fn tempdir() -> TempDir {
     tempfile::tempdir().expect("create a test directory")
 }
@@ -358,8 +362,11 @@ fn unsafe_methods_are_not_replayed_unless_configured() {
     let client = client();
 
     // Default methods: only the GET reaches the shadow.
+    // This test counts every request the shadow receives, so noise learning's second replays
+    // (compare.noise_sample_rate) are off.
     let shadow = FakeShadow::start(Duration::ZERO);
-    let specter = Specter::start(dir.path(), ProxyConfig::new(live.url(), shadow.url()));
+    let config = ProxyConfig::new(live.url(), shadow.url()).section(NO_NOISE_REPLAYS);
+    let specter = Specter::start(dir.path(), config);
     for method in ["POST", "PUT", "DELETE"] {
         let answer = send(
             &client,
@@ -452,10 +459,13 @@ fn unsafe_methods_are_not_replayed_unless_configured() {
 fn sampling_keeps_each_routing_key_whole() {
     let dir = tempdir();
     let live = TestServer::live(dir.path());
+    // This test counts every request the shadow receives, so noise learning's second replays
+    // (compare.noise_sample_rate) are off.
     let shadow = FakeShadow::start(Duration::ZERO);
     let config = ProxyConfig::new(live.url(), shadow.url())
         .specter_key("routing_key: X-User-ID")
-        .section("sampling:\n  rate: 0.5");
+        .section("sampling:\n  rate: 0.5")
+        .section(NO_NOISE_REPLAYS);
     let specter = Specter::start(dir.path(), config);
     let client = client();
 
@@ -692,8 +702,12 @@ fn malformed_request_gets_400_and_proxy_survives() {
 fn graceful_shutdown_drains_replays() {
     let dir = tempdir();
     let live = TestServer::live(dir.path());
+    // This test counts every request the shadow receives, so noise learning's second replays
+    // (compare.noise_sample_rate) are off.
     let shadow = FakeShadow::start(Duration::from_millis(500));
-    let config = ProxyConfig::new(live.url(), shadow.url()).specter_key("drain_timeout: 5s");
+    let config = ProxyConfig::new(live.url(), shadow.url())
+        .specter_key("drain_timeout: 5s")
+        .section(NO_NOISE_REPLAYS);
     let mut specter = Specter::start(dir.path(), config);
     let client = client();
 
@@ -753,9 +767,12 @@ fn graceful_shutdown_drains_replays() {
 fn bodies_over_the_cap_are_proxied_whole_but_not_compared() {
     let dir = tempdir();
     let live = TestServer::live(dir.path());
+    // This test counts every request the shadow receives, so noise learning's second replays
+    // (compare.noise_sample_rate) are off.
     let shadow = FakeShadow::start(Duration::ZERO);
-    let config =
-        ProxyConfig::new(live.url(), shadow.url()).section("capture:\n  max_body_bytes: 1024");
+    let config = ProxyConfig::new(live.url(), shadow.url())
+        .section("capture:\n  max_body_bytes: 1024")
+        .section(NO_NOISE_REPLAYS);
     let specter = Specter::start(dir.path(), config);
     let client = client();
 

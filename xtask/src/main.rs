@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | demo | test`.
+//! Developer tasks: `cargo xtask setup | demo | bench | test | vm-test`.
 //!
 //! Everything the project needs beyond stable Rust is installed project-locally under `.tools/`
 //! (bpf-linker) or as the nightly's `rust-src` component; nothing else on the machine changes.
@@ -7,10 +7,12 @@ mod bench;
 mod demo;
 mod hosts;
 mod setup;
+mod vm_test;
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -53,6 +55,31 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Boot another kernel under qemu (virtme-ng, over this machine's filesystem) and run the
+    /// attach-mode tests inside it, as root. Checks the attach mode that kernel calls for.
+    VmTest {
+        /// The kernel image (bzImage), e.g. boot/vmlinuz-6.1.0-57-amd64 from an extracted
+        /// Debian linux-image package.
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Its lib/modules/<release> directory; found beside the kernel when not given.
+        #[arg(long)]
+        modules: Option<PathBuf>,
+        /// Guest memory, as qemu's -m takes it.
+        #[arg(long, default_value = "3G")]
+        memory: String,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// KVM or TCG; auto takes KVM when /dev/kvm is usable.
+        #[arg(long, value_enum, default_value_t = vm_test::Accel::Auto)]
+        accel: vm_test::Accel,
+        /// Minutes before the VM is stopped and the run fails.
+        #[arg(long, default_value_t = 20)]
+        timeout_minutes: u64,
+        /// Threads per test binary (default: the guest's CPU count).
+        #[arg(long)]
+        test_threads: Option<u32>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,6 +101,29 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => {
             setup::run(&root)?;
             test(&root, &args)
+        }
+        Task::VmTest {
+            kernel,
+            modules,
+            memory,
+            cpus,
+            accel,
+            timeout_minutes,
+            test_threads,
+        } => {
+            setup::run(&root)?;
+            vm_test::run(
+                &root,
+                &vm_test::Options {
+                    kernel,
+                    modules,
+                    memory,
+                    cpus,
+                    accel,
+                    timeout: Duration::from_secs(timeout_minutes * 60),
+                    test_threads,
+                },
+            )
         }
     }
 }

@@ -54,8 +54,10 @@ const ACK: u8 = 0x06;
 pub const LINK_QUEUE: usize = 4096;
 /// Jobs written to an owner and not yet acknowledged, at most.
 const IN_FLIGHT: usize = 512;
-/// How long an owner may take to acknowledge a job before its link is declared dead.
-const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an owner may take to acknowledge a job before its link is declared dead. An owner
+/// acknowledges as soon as the job is queued, so on a LAN this is ample; it is also how long
+/// a link that silently went down keeps swallowing jobs, which are then counted unconfirmed.
+const ACK_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long connecting and the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// After a failed connection, jobs for that owner are handled locally for this long before
@@ -70,9 +72,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 #[derive(Debug, Error)]
 pub enum ForwardError {
-    #[error(
-        "cannot listen on {addr} for node-to-node forwarding (cluster.forward_addr): {source}"
-    )]
+    #[error("cannot listen on {addr} for node-to-node forwarding (cluster.forward_addr): {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -162,7 +162,7 @@ impl Forwarder {
 
     /// Queues `exchange` for `owner` at `addr`. Never blocks; gives the exchange back when the
     /// owner's queue is full.
-    pub fn ship(&self, owner: &str, addr: SocketAddr, exchange: Exchange) -> Result<(), Exchange> {
+    pub fn ship(&self, owner: &str, addr: SocketAddr, exchange: Exchange) -> Option<Exchange> {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         let stale = links
             .get(owner)
@@ -181,10 +181,13 @@ impl Forwarder {
             links.insert(owner.to_owned(), Link { addr, queue });
         }
         let link = links.get(owner).expect("link was just ensured");
-        link.queue.try_send(exchange).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(exchange)
-            | mpsc::error::TrySendError::Closed(exchange) => exchange,
-        })
+        match link.queue.try_send(exchange) {
+            Ok(()) => None,
+            Err(
+                mpsc::error::TrySendError::Full(exchange)
+                | mpsc::error::TrySendError::Closed(exchange),
+            ) => Some(exchange),
+        }
     }
 
     /// Closes the links of owners that are no longer members; their queued jobs are handled
@@ -316,7 +319,11 @@ fn frame(key: &ForwardKey, session: &[u8], seq: u64, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(4 + payload.len() + MAC_LEN);
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(payload);
-    out.extend_from_slice(&frame_mac(key, session, seq, payload).finalize().into_bytes());
+    out.extend_from_slice(
+        &frame_mac(key, session, seq, payload)
+            .finalize()
+            .into_bytes(),
+    );
     out.freeze()
 }
 
@@ -353,7 +360,10 @@ async fn ship_over(
         if let Some(exchange) = next.take() {
             let payload = job::encode(&exchange);
             if payload.len() > max_frame {
-                debug!(len = payload.len(), max_frame, "Job above the frame cap; handled locally");
+                debug!(
+                    len = payload.len(),
+                    max_frame, "Job above the frame cap; handled locally"
+                );
                 outcome.not_shipped(exchange);
                 continue;
             }

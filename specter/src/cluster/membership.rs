@@ -27,8 +27,8 @@ use memberlist::{
     Options,
     delegate::{CompositeDelegate, EventDelegate, NodeDelegate, VoidDelegate},
     net::NetTransportOptions,
-    tokio::{TokioSocketAddrResolver, TokioTcpMemberlist},
     proto::{EncryptionAlgorithm, MaybeResolvedAddress, Meta, NodeState, SecretKey},
+    tokio::{TokioSocketAddrResolver, TokioTcpMemberlist},
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -135,10 +135,8 @@ impl Membership {
             .with_event_delegate(Poke(poke.clone()))
             .with_node_delegate(LocalMeta(meta));
 
-        let mut transport =
-            NetTransportOptions::new(Id::from(settings.node_name.as_str())).with_advertise_address(
-                settings.advertise.unwrap_or(settings.bind),
-            );
+        let mut transport = NetTransportOptions::new(Id::from(settings.node_name.as_str()))
+            .with_advertise_address(settings.advertise.unwrap_or(settings.bind));
         transport.add_bind_address(settings.bind);
 
         let options = Options::lan()
@@ -176,7 +174,9 @@ impl Membership {
         // The first join is awaited, so a node that can reach its seed starts as a member.
         let mut joiner = Joiner {
             gossip: gossip.clone(),
-            own: [settings.bind, membership.local.gossip].into_iter().collect(),
+            own: [settings.bind, membership.local.gossip]
+                .into_iter()
+                .collect(),
             seeds: settings.seeds,
             remembered: BTreeMap::new(),
         };
@@ -186,7 +186,9 @@ impl Membership {
         membership
             .tasks
             .push(tokio::spawn(run_refresh(gossip.clone(), poke, publish)));
-        membership.tasks.push(tokio::spawn(joiner.run(membership.view.clone())));
+        membership
+            .tasks
+            .push(tokio::spawn(joiner.run(membership.view.clone())));
         Ok(membership)
     }
 
@@ -213,7 +215,9 @@ impl Membership {
         }
         match self.gossip.leave(timeout).await {
             Ok(_) => info!(node = %self.local.name, "Left the cluster"),
-            Err(error) => warn!(%error, "Leaving the cluster did not complete; peers will time us out"),
+            Err(error) => {
+                warn!(%error, "Leaving the cluster did not complete; peers will time us out")
+            }
         }
         if let Err(error) = self.gossip.shutdown().await {
             debug!(%error, "Gossip shutdown reported an error");

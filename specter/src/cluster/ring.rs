@@ -53,7 +53,9 @@ impl Ring {
             return None;
         }
         let hash = xxh3_64(key);
-        let at = self.points.partition_point(|&(position, _)| position < hash);
+        let at = self
+            .points
+            .partition_point(|&(position, _)| position < hash);
         let (_, index) = self.points[at % self.points.len()];
         Some(&self.members[index as usize])
     }

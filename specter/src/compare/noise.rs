@@ -212,8 +212,16 @@ pub fn wilson_interval(successes: u64, trials: u64, z: f64) -> Option<(f64, f64)
     let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
     // At a rate of exactly 0 or 1 the bound on that side is the rate itself; rounding would
     // otherwise leave it a hair inside.
-    let low = if successes == 0 { 0.0 } else { (centre - half).max(0.0) };
-    let high = if successes == trials { 1.0 } else { (centre + half).min(1.0) };
+    let low = if successes == 0 {
+        0.0
+    } else {
+        (centre - half).max(0.0)
+    };
+    let high = if successes == trials {
+        1.0
+    } else {
+        (centre + half).min(1.0)
+    };
     Some((low, high))
 }
 
@@ -226,6 +234,9 @@ pub fn is_safe_method(method: &str) -> bool {
 /// Request headers that change which answer a service gives: two requests that differ in one
 /// of them are not "identical" for live-noise learning, even with the same method, target and
 /// body. Credentials above all: two users' `/me` differ, and that is not noise.
+///
+/// Limitation: a service that varies its answer on another request header (one it names in
+/// `Vary`) can make that header's effect look like live noise; see docs/analysis.md.
 const KEY_HEADERS: [&str; 5] = [
     "authorization",
     "cookie",

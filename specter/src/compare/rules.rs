@@ -54,7 +54,9 @@ impl PathPattern {
 fn matches_tokens(pattern: &[PathToken], path: &[&str]) -> bool {
     match pattern.split_first() {
         None => path.is_empty(),
-        Some((PathToken::Any, rest)) => (0..=path.len()).any(|skip| matches_tokens(rest, &path[skip..])),
+        Some((PathToken::Any, rest)) => {
+            (0..=path.len()).any(|skip| matches_tokens(rest, &path[skip..]))
+        }
         Some((PathToken::One, rest)) => !path.is_empty() && matches_tokens(rest, &path[1..]),
         Some((PathToken::Literal(literal), rest)) => {
             path.first() == Some(&literal.as_str()) && matches_tokens(rest, &path[1..])

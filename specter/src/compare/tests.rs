@@ -492,7 +492,10 @@ fn empty_body_is_not_json() {
     let differences = diff_bodies("", "{}");
 
     assert_eq!(differences.len(), 1);
-    assert_eq!((differences[0].path.as_str(), differences[0].op), ("", DiffOp::Added));
+    assert_eq!(
+        (differences[0].path.as_str(), differences[0].op),
+        ("", DiffOp::Added)
+    );
     assert_eq!(differences[0].live, None);
     assert_eq!(differences[0].shadow.as_ref().unwrap()["size"], json!(2));
 }
@@ -646,7 +649,11 @@ fn on_route(route: &str) -> Context<'_> {
 #[test]
 fn undecodable_body_is_not_comparable_never_a_match() {
     let live = response(200, &[("content-encoding", "gzip")], gzip(b"{}"));
-    let shadow = response(200, &[("content-encoding", "gzip")], b"\x1f\x8b garbage".to_vec());
+    let shadow = response(
+        200,
+        &[("content-encoding", "gzip")],
+        b"\x1f\x8b garbage".to_vec(),
+    );
 
     let differences = diff(&live, &shadow);
 
@@ -658,8 +665,16 @@ fn undecodable_body_is_not_comparable_never_a_match() {
 
 #[test]
 fn changed_status_class_ranks_above_a_changed_value() {
-    let live = response(200, &[("content-type", "application/json")], r#"{"a":1,"b":2}"#);
-    let shadow = response(503, &[("content-type", "application/json")], r#"{"a":1,"b":3,"c":4}"#);
+    let live = response(
+        200,
+        &[("content-type", "application/json")],
+        r#"{"a":1,"b":2}"#,
+    );
+    let shadow = response(
+        503,
+        &[("content-type", "application/json")],
+        r#"{"a":1,"b":3,"c":4}"#,
+    );
 
     let differences = diff(&live, &shadow);
     let ranked: Vec<(&str, Severity)> = differences
@@ -707,16 +722,28 @@ fn location_naming_the_shadows_own_host_matches_the_live_host() {
         ..Context::default()
     };
     let live = response(302, &[("Location", "http://shop.example.com/cart?x=1")], "");
-    let shadow = response(302, &[("Location", "http://shadow.internal:8082/cart?x=1")], "");
+    let shadow = response(
+        302,
+        &[("Location", "http://shadow.internal:8082/cart?x=1")],
+        "",
+    );
 
     assert!(compare_exchange(&context, &live, &shadow, &options).is_match());
 
     // Live naming its own target, shadow its own: equal too.
-    let live_target = response(302, &[("Location", "http://live.internal:8081/cart?x=1")], "");
+    let live_target = response(
+        302,
+        &[("Location", "http://live.internal:8081/cart?x=1")],
+        "",
+    );
     assert!(compare_exchange(&context, &live_target, &shadow, &options).is_match());
 
     // The path still counts, and so does a third host.
-    let elsewhere = response(302, &[("Location", "http://shadow.internal:8082/login")], "");
+    let elsewhere = response(
+        302,
+        &[("Location", "http://shadow.internal:8082/login")],
+        "",
+    );
     let other_host = response(302, &[("Location", "http://evil.example.net/cart?x=1")], "");
     for shadow in [elsewhere, other_host] {
         let found = compare_exchange(&context, &live, &shadow, &options);
@@ -729,7 +756,18 @@ fn location_naming_the_shadows_own_host_matches_the_live_host() {
     }
 
     // Without the mapping the shadow's own host is a difference.
-    assert_eq!(diff(&live, &response(302, &[("Location", "http://shadow.internal:8082/cart?x=1")], "")).len(), 1);
+    assert_eq!(
+        diff(
+            &live,
+            &response(
+                302,
+                &[("Location", "http://shadow.internal:8082/cart?x=1")],
+                ""
+            )
+        )
+        .len(),
+        1
+    );
 }
 
 #[test]
@@ -747,8 +785,20 @@ fn two_set_cookie_fields_are_two_values_not_one_folded_value() {
 
 #[test]
 fn list_valued_headers_in_the_set_list_ignore_member_order() {
-    let live = response(200, &[("Vary", "Accept, Accept-Encoding"), ("Allow", "GET, HEAD")], "");
-    let shadow = response(200, &[("vary", "Accept-Encoding,Accept"), ("Allow", "HEAD"), ("allow", "GET")], "");
+    let live = response(
+        200,
+        &[("Vary", "Accept, Accept-Encoding"), ("Allow", "GET, HEAD")],
+        "",
+    );
+    let shadow = response(
+        200,
+        &[
+            ("vary", "Accept-Encoding,Accept"),
+            ("Allow", "HEAD"),
+            ("allow", "GET"),
+        ],
+        "",
+    );
     assert_eq!(diff(&live, &shadow), vec![]);
 
     let missing = response(200, &[("Vary", "Accept"), ("Allow", "GET, HEAD")], "");
@@ -762,7 +812,11 @@ fn framing_headers_are_judged_after_decoding_even_when_not_volatile() {
         ..CompareOptions::default()
     };
     let body = br#"{"a":1}"#;
-    let live = response(200, &[("Content-Encoding", "gzip"), ("Content-Length", "27")], gzip(body));
+    let live = response(
+        200,
+        &[("Content-Encoding", "gzip"), ("Content-Length", "27")],
+        gzip(body),
+    );
     let shadow = response(200, &[("Transfer-Encoding", "chunked")], body.to_vec());
 
     assert_eq!(compare(&live, &shadow, &options), vec![]);
@@ -836,13 +890,20 @@ fn ignore_rules_drop_headers_and_paths_on_matching_routes() {
     assert!(on_orders.is_match(), "{on_orders:?}");
 
     let elsewhere = compare_exchange(&on_route("GET /carts/{id}"), &live, &shadow, &options);
-    let paths: Vec<&str> = elsewhere.differences.iter().map(|d| d.path.as_str()).collect();
+    let paths: Vec<&str> = elsewhere
+        .differences
+        .iter()
+        .map(|d| d.path.as_str())
+        .collect();
     assert_eq!(paths, ["/items/0/updated_at"]);
 }
 
 #[test]
 fn form_bodies_are_compared_parameter_by_parameter() {
-    let form = [("content-type", "application/x-www-form-urlencoded; charset=utf-8")];
+    let form = [(
+        "content-type",
+        "application/x-www-form-urlencoded; charset=utf-8",
+    )];
     let live = response(200, &form, "a=1&b=x%20y&tag=1&tag=2");
     let reordered = response(200, &form, "b=x+y&tag=1&tag=2&a=1");
     assert_eq!(diff(&live, &reordered), vec![]);
@@ -854,29 +915,49 @@ fn form_bodies_are_compared_parameter_by_parameter() {
         .collect();
     assert_eq!(
         found,
-        [("/b".to_owned(), DiffOp::Changed), ("/c".to_owned(), DiffOp::Added)]
+        [
+            ("/b".to_owned(), DiffOp::Changed),
+            ("/c".to_owned(), DiffOp::Added)
+        ]
     );
 }
 
 #[test]
 fn json_against_html_is_a_type_change_of_the_whole_body() {
     let live = json_response(r#"{"ok":true}"#);
-    let shadow = response(502, &[("content-type", "text/html")], "<html>Bad Gateway</html>");
+    let shadow = response(
+        502,
+        &[("content-type", "text/html")],
+        "<html>Bad Gateway</html>",
+    );
 
     let differences = diff(&live, &shadow);
-    let body = differences.iter().find(|d| d.kind == DiffKind::Body).unwrap();
+    let body = differences
+        .iter()
+        .find(|d| d.kind == DiffKind::Body)
+        .unwrap();
 
     assert_eq!((body.path.as_str(), body.op), ("", DiffOp::TypeChanged));
     assert_eq!(body.live.as_ref().unwrap()["format"], "json");
     assert_eq!(body.shadow.as_ref().unwrap()["format"], "text");
-    assert_eq!(differences[0].kind, DiffKind::Status, "the status ranks first");
+    assert_eq!(
+        differences[0].kind,
+        DiffKind::Status,
+        "the status ranks first"
+    );
 }
 
 #[test]
 fn a_body_that_disappears_is_removed() {
     let differences = diff(&json_response(r#"{"a":1}"#), &response(200, &[], ""));
-    let body = differences.iter().find(|d| d.kind == DiffKind::Body).unwrap();
-    assert_eq!((body.op, body.severity), (DiffOp::Removed, Severity::Schema));
+    let body = differences
+        .iter()
+        .find(|d| d.kind == DiffKind::Body)
+        .unwrap();
+    assert_eq!(
+        (body.op, body.severity),
+        (DiffOp::Removed, Severity::Schema)
+    );
 }
 
 #[test]

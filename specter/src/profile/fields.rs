@@ -125,6 +125,12 @@ pub struct FieldReport {
     pub example_path: String,
 }
 
+/// A field seen only in noise comparisons and never between live and shadow says nothing about
+/// the shadow unless it is noise; it is listed only then.
+fn listed(differed: u64, classification: Classification) -> bool {
+    differed > 0 || classification == Classification::Noise
+}
+
 /// Noise comparisons per source.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct NoiseCounts {
@@ -284,6 +290,20 @@ impl RouteAnalysis {
         }
     }
 
+    /// The classification of every field [`RouteAnalysis::reports`] lists, without building
+    /// the reports.
+    pub(super) fn classifications(
+        &self,
+        rule: &NoiseRule,
+        noise_expected: bool,
+    ) -> impl Iterator<Item = Classification> + '_ {
+        let rule = *rule;
+        self.fields.values().filter_map(move |field| {
+            let judgement = noise::classify(&rule, &self.evidence(Some(field), noise_expected));
+            listed(field.differed, judgement.classification).then_some(judgement.classification)
+        })
+    }
+
     /// Every field with its classification: divergences first (most severe, then most
     /// frequent), then fields still pending, then noise (noisiest first).
     pub(super) fn reports(&self, rule: &NoiseRule, noise_expected: bool) -> Vec<FieldReport> {
@@ -308,9 +328,7 @@ impl RouteAnalysis {
                     example_path: field.example_path.clone(),
                 }
             })
-            // A field seen only in noise comparisons and never between live and shadow says
-            // nothing about the shadow unless it is noise; list it only then.
-            .filter(|r| r.differed > 0 || r.classification == Classification::Noise)
+            .filter(|r| listed(r.differed, r.classification))
             .collect();
 
         let rank = |c: Classification| match c {

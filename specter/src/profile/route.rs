@@ -279,7 +279,11 @@ impl RouteTemplates {
         let Some((method, path)) = route.split_once(' ') else {
             return route.to_owned();
         };
-        if self.patterns.iter().any(|p| p.route_for(method, path).is_some()) {
+        if self
+            .patterns
+            .iter()
+            .any(|p| p.route_for(method, path).is_some())
+        {
             return route.to_owned();
         }
         let Some(mut node) = self.roots.get(method) else {

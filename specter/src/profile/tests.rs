@@ -102,7 +102,6 @@ fn corrupt_snapshot_is_an_error_not_a_panic() {
     );
 }
 
-
 fn templates(patterns: &[&str], max_segment_values: usize) -> RouteTemplates {
     RouteTemplates::new(
         patterns
@@ -115,10 +114,7 @@ fn templates(patterns: &[&str], max_segment_values: usize) -> RouteTemplates {
 
 #[test]
 fn long_tokens_become_ids_but_words_do_not() {
-    assert_eq!(
-        route_of("GET", "/s/aB3dE5gH7jK9mN1pQ3sT5v"),
-        "GET /s/{id}"
-    );
+    assert_eq!(route_of("GET", "/s/aB3dE5gH7jK9mN1pQ3sT5v"), "GET /s/{id}");
     assert_eq!(
         route_of("GET", "/docs/authentication-settings"),
         "GET /docs/authentication-settings"
@@ -260,7 +256,12 @@ fn noise_fields_stop_counting_once_classified_and_the_real_one_keeps_counting() 
 #[test]
 fn array_indices_fold_into_one_field() {
     let profile = learning_profile();
-    mirror(&profile, "GET /a", &["/items/0/price", "/items/12/price"], 1);
+    mirror(
+        &profile,
+        "GET /a",
+        &["/items/0/price", "/items/12/price"],
+        1,
+    );
     let fields = profile.route_fields("GET /a").unwrap().fields;
     assert_eq!(fields.len(), 1);
     assert_eq!(fields[0].path, "/items/*/price");
@@ -320,7 +321,11 @@ fn status_matrix_and_noise_replays_are_per_route_and_survive_a_snapshot() {
         assert_eq!(report.latency.live.count, 2);
         assert_eq!(report.latency.shadow.count, 1);
         assert_eq!(profile.counters().noise_replays, 1);
-        assert_eq!(profile.counters().mirrored, 2, "noise replays are not mirrored");
+        assert_eq!(
+            profile.counters().mirrored,
+            2,
+            "noise replays are not mirrored"
+        );
     }
     assert_eq!(profile.view().routes, restored.view().routes);
 }
@@ -329,8 +334,17 @@ fn status_matrix_and_noise_replays_are_per_route_and_survive_a_snapshot() {
 fn match_rate_has_a_confidence_interval_and_latency_a_ratio() {
     let profile = Profile::new();
     for i in 0..100 {
-        let outcome = if i < 90 { Outcome::Matched } else { Outcome::Diverged };
-        profile.record("GET /r", outcome, Duration::from_millis(10), Some(Duration::from_millis(30)));
+        let outcome = if i < 90 {
+            Outcome::Matched
+        } else {
+            Outcome::Diverged
+        };
+        profile.record(
+            "GET /r",
+            outcome,
+            Duration::from_millis(10),
+            Some(Duration::from_millis(30)),
+        );
     }
     let route = &profile.view().routes[0];
     let [low, high] = route.match_rate_ci.unwrap();
@@ -370,7 +384,11 @@ fn verdict_passes_fails_or_waits_for_evidence() {
     let verdict = profile.verdict(&criteria(50));
     assert_eq!(verdict.verdict, Decision::Fail);
     assert_eq!(verdict.verdict.exit_code(), 1);
-    let bad = verdict.routes.iter().find(|r| r.route == "GET /bad").unwrap();
+    let bad = verdict
+        .routes
+        .iter()
+        .find(|r| r.route == "GET /bad")
+        .unwrap();
     assert!(bad.reasons[0].contains("match rate"), "{:?}", bad.reasons);
 }
 
@@ -387,8 +405,18 @@ fn verdict_waits_while_fields_are_pending_and_fails_on_errors_or_latency() {
 
     let slow = Profile::new();
     for _ in 0..30 {
-        slow.record("GET /s", Outcome::Matched, Duration::from_millis(10), Some(Duration::from_millis(40)));
-        slow.record("GET /e", Outcome::ShadowError, Duration::from_millis(10), None);
+        slow.record(
+            "GET /s",
+            Outcome::Matched,
+            Duration::from_millis(10),
+            Some(Duration::from_millis(40)),
+        );
+        slow.record(
+            "GET /e",
+            Outcome::ShadowError,
+            Duration::from_millis(10),
+            None,
+        );
     }
     let verdict = slow.verdict(&criteria(10));
     for route in &verdict.routes {

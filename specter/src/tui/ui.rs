@@ -251,7 +251,7 @@ fn draw_routes(frame: &mut Frame, area: Rect, app: &App) {
             Constraint::Length(8),
             Constraint::Length(6),
             Constraint::Length(6),
-            Constraint::Length(5),
+            Constraint::Length(6),
         ],
     )
     .header(header)

@@ -82,7 +82,13 @@ async fn owner(key: [u8; 32], max_frame: usize) -> Owner {
         Arc::new(move |exchange: Exchange| taken.lock().unwrap().push(exchange.request.target))
     };
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(serve(listener, ForwardKey::new(key), max_frame, deliver, stop_rx));
+    tokio::spawn(serve(
+        listener,
+        ForwardKey::new(key),
+        max_frame,
+        deliver,
+        stop_rx,
+    ));
     Owner {
         addr,
         taken,
@@ -93,7 +99,10 @@ async fn owner(key: [u8; 32], max_frame: usize) -> Owner {
 async fn settle(what: &str, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
-        assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -105,9 +114,12 @@ async fn jobs_reach_the_owner_in_order_and_are_acknowledged() {
     let forwarder = Forwarder::new(ForwardKey::new([7; 32]), 1 << 20, outcome.clone());
 
     for n in 0..200 {
-        forwarder
-            .ship("owner", owner.addr, exchange(n, n * 10))
-            .unwrap_or_else(|_| panic!("queue has room"));
+        assert!(
+            forwarder
+                .ship("owner", owner.addr, exchange(n, n * 10))
+                .is_none(),
+            "queue has room"
+        );
     }
     settle("200 acknowledgements", || outcome.acknowledged.get() == 200).await;
 
@@ -123,9 +135,12 @@ async fn a_node_with_another_secret_is_refused() {
     let outcome = Arc::new(Recorded::default());
     let forwarder = Forwarder::new(ForwardKey::new([8; 32]), 1 << 20, outcome.clone());
 
-    forwarder
-        .ship("owner", owner.addr, exchange(1, 10))
-        .unwrap_or_else(|_| panic!("queue has room"));
+    assert!(
+        forwarder
+            .ship("owner", owner.addr, exchange(1, 10))
+            .is_none(),
+        "queue has room"
+    );
     settle("the job handed back", || {
         outcome.not_shipped.lock().unwrap().len() == 1
     })
@@ -149,7 +164,12 @@ async fn frames_with_a_wrong_mac_are_never_delivered() {
     let mut session = [0u8; 2 * NONCE_LEN];
     session[..NONCE_LEN].copy_from_slice(&[1; NONCE_LEN]);
     session[NONCE_LEN..].copy_from_slice(&answer[8..8 + NONCE_LEN]);
-    let forged = frame(&ForwardKey::new([9; 32]), &session, 0, &job::encode(&exchange(1, 5)));
+    let forged = frame(
+        &ForwardKey::new([9; 32]),
+        &session,
+        0,
+        &job::encode(&exchange(1, 5)),
+    );
     stream.write_all(&forged).await.unwrap();
 
     let mut ack = [0u8; 1];
@@ -191,23 +211,38 @@ async fn frames_above_the_cap_are_refused() {
 
     let outcome = Arc::new(Recorded::default());
     let forwarder = Forwarder::new(ForwardKey::new([7; 32]), 4096, outcome.clone());
-    forwarder
-        .ship("owner", owner.addr, exchange(1, 100_000))
-        .unwrap_or_else(|_| panic!("queue has room"));
-    forwarder
-        .ship("owner", owner.addr, exchange(2, 10))
-        .unwrap_or_else(|_| panic!("queue has room"));
-    settle("the small job acknowledged", || outcome.acknowledged.get() == 1).await;
+    assert!(
+        forwarder
+            .ship("owner", owner.addr, exchange(1, 100_000))
+            .is_none(),
+        "queue has room"
+    );
+    assert!(
+        forwarder
+            .ship("owner", owner.addr, exchange(2, 10))
+            .is_none(),
+        "queue has room"
+    );
+    settle("the small job acknowledged", || {
+        outcome.acknowledged.get() == 1
+    })
+    .await;
     assert_eq!(*outcome.not_shipped.lock().unwrap(), vec!["/orders/1"]);
     assert_eq!(*owner.taken.lock().unwrap(), vec!["/orders/2"]);
 
     // A sender with a larger cap than the owner's is cut off at the oversized frame.
     let outcome = Arc::new(Recorded::default());
     let forwarder = Forwarder::new(ForwardKey::new([7; 32]), 1 << 20, outcome.clone());
-    forwarder
-        .ship("owner", owner.addr, exchange(3, 100_000))
-        .unwrap_or_else(|_| panic!("queue has room"));
-    settle("the oversized job unconfirmed", || outcome.unconfirmed.get() == 1).await;
+    assert!(
+        forwarder
+            .ship("owner", owner.addr, exchange(3, 100_000))
+            .is_none(),
+        "queue has room"
+    );
+    settle("the oversized job unconfirmed", || {
+        outcome.unconfirmed.get() == 1
+    })
+    .await;
     assert_eq!(*owner.taken.lock().unwrap(), vec!["/orders/2"]);
 }
 
@@ -222,9 +257,10 @@ async fn an_unreachable_owner_hands_jobs_back_then_recovers() {
     let outcome = Arc::new(Recorded::default());
     let forwarder = Forwarder::new(ForwardKey::new([7; 32]), 1 << 20, outcome.clone());
     for n in 0..3 {
-        forwarder
-            .ship("owner", addr, exchange(n, 1))
-            .unwrap_or_else(|_| panic!("queue has room"));
+        assert!(
+            forwarder.ship("owner", addr, exchange(n, 1)).is_none(),
+            "queue has room"
+        );
     }
     settle("three jobs handed back", || {
         outcome.not_shipped.lock().unwrap().len() == 3
@@ -238,13 +274,22 @@ async fn an_unreachable_owner_hands_jobs_back_then_recovers() {
         Arc::new(move |exchange: Exchange| taken.lock().unwrap().push(exchange.request.target))
     };
     let (_stop, stop_rx) = watch::channel(false);
-    tokio::spawn(serve(listener, ForwardKey::new([7; 32]), 1 << 20, deliver, stop_rx));
+    tokio::spawn(serve(
+        listener,
+        ForwardKey::new([7; 32]),
+        1 << 20,
+        deliver,
+        stop_rx,
+    ));
 
     // The link waits RETRY_AFTER before connecting again; jobs meanwhile are handled locally.
     let started = Instant::now();
     let mut n = 10;
     while outcome.acknowledged.get() == 0 {
-        assert!(started.elapsed() < Duration::from_secs(10), "the link never recovered");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the link never recovered"
+        );
         let _ = forwarder.ship("owner", addr, exchange(n, 1));
         n += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -14,7 +14,11 @@ fn keys() -> impl Iterator<Item = String> {
 
 fn owners(ring: &Ring) -> Vec<String> {
     keys()
-        .map(|key| ring.owner(key.as_bytes()).expect("ring has members").to_owned())
+        .map(|key| {
+            ring.owner(key.as_bytes())
+                .expect("ring has members")
+                .to_owned()
+        })
         .collect()
 }
 
@@ -28,7 +32,11 @@ fn empty_ring_owns_nothing() {
 #[test]
 fn single_member_owns_every_key() {
     let ring = Ring::new(["solo"], DEFAULT_VNODES);
-    assert!(keys().take(1000).all(|k| ring.owner(k.as_bytes()) == Some("solo")));
+    assert!(
+        keys()
+            .take(1000)
+            .all(|k| ring.owner(k.as_bytes()) == Some("solo"))
+    );
 }
 
 #[test]

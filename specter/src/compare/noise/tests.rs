@@ -10,7 +10,13 @@ const RULE: NoiseRule = NoiseRule {
     margin: 0.05,
 };
 
-fn evidence(compared: u64, differed: u64, source: NoiseSource, trials: u64, noisy: u64) -> Evidence {
+fn evidence(
+    compared: u64,
+    differed: u64,
+    source: NoiseSource,
+    trials: u64,
+    noisy: u64,
+) -> Evidence {
     let mut evidence = Evidence {
         compared,
         differed,
@@ -49,7 +55,10 @@ fn a_field_clearly_above_its_noise_rate_is_a_divergence() {
     assert!(judged.z.unwrap() > 3.0);
 
     // A small excess is within the margin: noise.
-    let judged = classify(&RULE, &evidence(10_000, 1_300, NoiseSource::Shadow, 10_000, 1_000));
+    let judged = classify(
+        &RULE,
+        &evidence(10_000, 1_300, NoiseSource::Shadow, 10_000, 1_000),
+    );
     assert!(judged.z.unwrap() > 3.0);
     assert_eq!(judged.classification, Classification::Noise);
 }

@@ -1,0 +1,403 @@
+//! A cluster of `specter proxy` nodes on the real network stack: three network namespaces with
+//! their own addresses on one bridge (see `support/cluster.rs`). Needs root.
+//!
+//! Each test states one promise the cluster makes: nodes find each other through one seed;
+//! a user's requests are replayed and recorded by one node, in order, whichever node they
+//! enter through; cluster-wide figures are the exact sum of the nodes'; a dead node's keys
+//! move to the survivors and come back when it returns; a partition heals without losing
+//! count of anything; and a node without the secret stays out.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "support/netns.rs"]
+mod netns;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use cluster::{Node, NodeSpec, Topology, counter, secret_file};
+
+const ALL: [&str; 3] = ["node-0", "node-1", "node-2"];
+/// The promise: a dead member is dropped within this.
+const DEATH_DEADLINE: Duration = Duration::from_secs(10);
+/// Time allowed for a node to (re)join; the joiner retries every 2 s.
+const JOIN_DEADLINE: Duration = Duration::from_secs(20);
+
+fn tempdir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("specter-cluster-")
+        .tempdir()
+        .expect("create a test directory")
+}
+
+/// Three nodes that all name node-0 as their seed, with the same secret.
+fn three_nodes(topology: &Topology, dir: &TempDir) -> Vec<Node> {
+    let secret = secret_file(dir.path(), "secret", "the cluster's shared secret");
+    (0..3)
+        .map(|index| {
+            Node::start(
+                topology,
+                dir.path(),
+                NodeSpec {
+                    index,
+                    seeds: &[0],
+                    secret_file: &secret,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Sends `GET path` with `X-User-ID: user` through `node`; the client must get the live answer.
+fn send(topology: &Topology, node: &Node, user: &str, path: &str) {
+    let response = topology
+        .client
+        .get(node.url(path))
+        .header("X-User-ID", user)
+        .send()
+        .unwrap_or_else(|e| panic!("GET {path} through {}: {e}", node.name));
+    assert_eq!(response.status(), 200, "GET {path} through {}", node.name);
+}
+
+/// Polls until `done` holds for the stats of every node, and returns them.
+fn settled_stats(nodes: &[Node], what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let started = Instant::now();
+    loop {
+        let stats: Vec<Value> = nodes.iter().map(|n| n.api_json("/api/stats")).collect();
+        if done(&stats) {
+            return stats;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}; last stats:\n{stats:#?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn sum(stats: &[Value], name: &str) -> u64 {
+    stats.iter().map(|s| counter(s, name)).sum()
+}
+
+/// Owners of many keys as `node` sees them.
+fn owners(node: &Node, keys: &[String]) -> BTreeMap<String, String> {
+    keys.iter()
+        .map(|key| (key.clone(), node.owner_of(key)))
+        .collect()
+}
+
+#[test]
+fn users_are_recorded_by_one_node_in_order_and_cluster_figures_are_exact() {
+    let dir = tempdir();
+    let topology = Topology::new(3);
+    let _upstreams = topology.start_upstreams(dir.path());
+    let nodes = three_nodes(&topology, &dir);
+    for node in &nodes {
+        node.wait_for_members(&ALL, JOIN_DEADLINE);
+    }
+
+    // Every user's requests go round the three nodes; `/orders/{n}` always diverges, so each
+    // one is stored and listed with its target. The pause keeps each request ahead of the
+    // next one through another node even after a forwarding hop.
+    let users: Vec<String> = (0..6).map(|u| format!("user-{u}")).collect();
+    let per_user = 9;
+    let mut sent = 0u64;
+    for n in 0..per_user {
+        for (u, user) in users.iter().enumerate() {
+            let node = &nodes[(n + u) % 3];
+            send(&topology, node, user, &format!("/orders/{n}"));
+            sent += 1;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    let stats = settled_stats(&nodes, "every exchange mirrored", |stats| {
+        sum(stats, "mirrored") == sent
+    });
+    assert_eq!(
+        sum(&stats, "seen"),
+        sent,
+        "each exchange is seen once, where it entered"
+    );
+    assert_eq!(sum(&stats, "diverged"), sent);
+    assert_eq!(sum(&stats, "forwarded"), sum(&stats, "forward_received"));
+    assert_eq!(sum(&stats, "forward_errors"), 0);
+    assert_eq!(sum(&stats, "forward_unconfirmed"), 0);
+    assert!(
+        sum(&stats, "forwarded") > 0,
+        "some requests entered away from their owner"
+    );
+
+    // Each user's divergences are all on its owner, none elsewhere, in the order sent.
+    // (id, routing key, target) of every event each node recorded.
+    let recorded: BTreeMap<String, Vec<(u64, String, String)>> = nodes
+        .iter()
+        .map(|node| {
+            let body = node.api_json("/api/divergences?limit=1000");
+            let mut events: Vec<(u64, String, String)> = body["divergences"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|summary| {
+                    let id = summary["id"].as_u64().expect("event id");
+                    let event = node.api_json(&format!("/api/divergences/{id}"));
+                    let key = event["routing_key"].as_str().unwrap_or_default().to_owned();
+                    let target = event["target"].as_str().expect("target").to_owned();
+                    (id, key, target)
+                })
+                .collect();
+            events.sort();
+            (node.name.clone(), events)
+        })
+        .collect();
+    for user in &users {
+        let owner = nodes[0].owner_of(user);
+        for node in &nodes {
+            assert_eq!(node.owner_of(user), owner, "every node agrees on the owner");
+        }
+        for (name, events) in &recorded {
+            let targets: Vec<&str> = events
+                .iter()
+                .filter(|(_, key, _)| key == user)
+                .map(|(_, _, target)| target.as_str())
+                .collect();
+            if *name != owner {
+                assert!(
+                    targets.is_empty(),
+                    "{user} recorded on {name}, its owner is {owner}"
+                );
+                continue;
+            }
+            let expected: Vec<String> = (0..per_user).map(|n| format!("/orders/{n}")).collect();
+            assert_eq!(
+                targets, expected,
+                "{user}'s requests recorded by {owner} in order"
+            );
+        }
+    }
+
+    // The cluster view, from any node, is the exact sum of the nodes' own figures.
+    for node in &nodes {
+        let merged = node.api_json("/api/stats?scope=cluster");
+        assert_eq!(merged["scope"], "cluster");
+        let listed: BTreeSet<&str> = merged["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter(|n| n["ok"] == true)
+            .map(|n| n["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(listed, ALL.into_iter().collect());
+        for name in [
+            "seen",
+            "mirrored",
+            "matched",
+            "diverged",
+            "shadow_errors",
+            "forwarded",
+            "forward_received",
+        ] {
+            assert_eq!(counter(&merged, name), sum(&stats, name), "cluster {name}");
+        }
+        assert_eq!(counter(&merged, "seen"), sent);
+        assert_eq!(counter(&merged, "mirrored"), sent);
+        for side in ["live", "shadow"] {
+            let merged_count = merged["latency"][side]["count"].as_u64().unwrap();
+            let node_counts: u64 = stats
+                .iter()
+                .map(|s| s["latency"][side]["count"].as_u64().unwrap())
+                .sum();
+            assert_eq!(
+                merged_count, node_counts,
+                "{side} latency histograms merged"
+            );
+        }
+        let route = merged["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == "GET /orders/{id}")
+            .unwrap_or_else(|| panic!("orders route in {merged:#}"));
+        assert_eq!(route["mirrored"], sent);
+
+        let divergences = node.api_json("/api/divergences?scope=cluster&limit=1000");
+        assert_eq!(
+            divergences["divergences"].as_array().unwrap().len() as u64,
+            sent,
+            "every divergence listed once in the cluster view"
+        );
+    }
+}
+
+#[test]
+fn a_killed_node_is_dropped_its_keys_move_and_it_takes_them_back() {
+    let dir = tempdir();
+    let topology = Topology::new(3);
+    let _upstreams = topology.start_upstreams(dir.path());
+    let mut nodes = three_nodes(&topology, &dir);
+    for node in &nodes {
+        node.wait_for_members(&ALL, JOIN_DEADLINE);
+    }
+    let keys: Vec<String> = (0..150).map(|k| format!("key-{k}")).collect();
+    let before = owners(&nodes[0], &keys);
+    assert_eq!(before, owners(&nodes[1], &keys), "nodes agree on the ring");
+    let shares: BTreeSet<&String> = before.values().collect();
+    assert_eq!(shares.len(), 3, "every node owns some of 150 keys");
+
+    // SIGKILL node-2: the survivors drop it within the deadline.
+    nodes[2].kill();
+    let killed_at = Instant::now();
+    for node in &nodes[..2] {
+        node.wait_for_members(&["node-0", "node-1"], DEATH_DEADLINE);
+    }
+    assert!(killed_at.elapsed() < DEATH_DEADLINE);
+
+    // Its keys move to the survivors; no other key moves.
+    let during = owners(&nodes[0], &keys);
+    for key in &keys {
+        if before[key] == "node-2" {
+            assert_ne!(during[key], "node-2", "{key} still on the dead node");
+        } else {
+            assert_eq!(during[key], before[key], "{key} moved between survivors");
+        }
+    }
+    // Traffic of its users is still served and recorded by a survivor.
+    for k in 0..10 {
+        send(&topology, &nodes[k % 2], &keys[k], "/orders/1");
+    }
+    settled_stats(&nodes[..2], "the dead node's users mirrored", |stats| {
+        sum(stats, "mirrored") == 10
+    });
+
+    // Restarted, it rejoins and takes its share back.
+    nodes[2].restart();
+    for node in &nodes {
+        node.wait_for_members(&ALL, JOIN_DEADLINE);
+    }
+    assert_eq!(owners(&nodes[0], &keys), before);
+    assert_eq!(owners(&nodes[2], &keys), before);
+
+    // A node stopped with SIGTERM leaves at once, well before failure detection would.
+    nodes[1].stop();
+    for node in [&nodes[0], &nodes[2]] {
+        let took = node.wait_for_members(&["node-0", "node-2"], Duration::from_secs(5));
+        assert!(took < Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn a_partition_heals_and_every_exchange_is_recorded_or_counted() {
+    let dir = tempdir();
+    let topology = Topology::new(3);
+    let _upstreams = topology.start_upstreams(dir.path());
+    let nodes = three_nodes(&topology, &dir);
+    for node in &nodes {
+        node.wait_for_members(&ALL, JOIN_DEADLINE);
+    }
+    let users: Vec<String> = (0..12).map(|u| format!("user-{u}")).collect();
+    let mut sent = 0u64;
+    let mut round = |n: usize| {
+        for (u, user) in users.iter().enumerate() {
+            send(
+                &topology,
+                &nodes[(n + u) % 2],
+                user,
+                &format!("/orders/{n}"),
+            );
+            sent += 1;
+        }
+    };
+
+    // Before, during and after node-2 is cut off, traffic keeps entering through the others;
+    // some of it belongs to node-2.
+    round(0);
+    topology.set_link(2, false);
+    let cut_at = Instant::now();
+    let mut n = 1;
+    while cut_at.elapsed() < Duration::from_secs(6) {
+        round(n);
+        n += 1;
+        thread::sleep(Duration::from_millis(100));
+    }
+    for node in &nodes[..2] {
+        node.wait_for_members(&["node-0", "node-1"], DEATH_DEADLINE);
+    }
+    round(n);
+    n += 1;
+
+    topology.set_link(2, true);
+    for node in &nodes {
+        node.wait_for_members(&ALL, JOIN_DEADLINE);
+    }
+    round(n);
+
+    // Every exchange entered once; each was recorded once, or counted where it was lost.
+    let stats = settled_stats(&nodes, "the exchanges accounted for", |stats| {
+        sum(stats, "mirrored") + sum(stats, "shadow_dropped") + sum(stats, "forward_unconfirmed")
+            >= sent
+    });
+    assert_eq!(sum(&stats, "seen"), sent);
+    assert!(
+        sum(&stats, "mirrored") <= sent,
+        "no exchange is replayed twice"
+    );
+    for node in &nodes {
+        assert!(
+            !node.log_text().contains("panicked"),
+            "{} panicked:\n{}",
+            node.name,
+            node.log_text()
+        );
+    }
+    let merged = nodes[2].api_json("/api/stats?scope=cluster");
+    assert_eq!(counter(&merged, "seen"), sent);
+}
+
+#[test]
+fn a_node_with_the_wrong_secret_cannot_join() {
+    let dir = tempdir();
+    let topology = Topology::new(3);
+    let _upstreams = topology.start_upstreams(dir.path());
+    let right = secret_file(dir.path(), "right", "the cluster's shared secret");
+    let wrong = secret_file(dir.path(), "wrong", "a guess");
+    let nodes: Vec<Node> = [&right, &right, &wrong]
+        .into_iter()
+        .enumerate()
+        .map(|(index, secret)| {
+            Node::start(
+                &topology,
+                dir.path(),
+                NodeSpec {
+                    index,
+                    seeds: &[0],
+                    secret_file: secret,
+                },
+            )
+        })
+        .collect();
+    for node in &nodes[..2] {
+        node.wait_for_members(&["node-0", "node-1"], JOIN_DEADLINE);
+    }
+
+    // Give the intruder several join rounds; it stays alone, and so do its users.
+    thread::sleep(Duration::from_secs(6));
+    assert_eq!(nodes[0].members(), ["node-0", "node-1"]);
+    assert_eq!(nodes[1].members(), ["node-0", "node-1"]);
+    assert_eq!(nodes[2].members(), ["node-2"]);
+    for u in 0..5 {
+        send(&topology, &nodes[2], &format!("user-{u}"), "/orders/1");
+    }
+    let stats = settled_stats(&nodes[2..], "the intruder's traffic mirrored", |stats| {
+        sum(stats, "mirrored") == 5
+    });
+    assert_eq!(sum(&stats, "forwarded"), 0);
+}

@@ -153,14 +153,18 @@ wait_stats() {
   while [ "$(date +%s)" -lt "$deadline" ]; do
     stats=$(ip netns exec "$server" curl -sf --max-time 5 http://127.0.0.1:9090/api/stats) &&
       "$1" && return 0
+    kill -0 "$specter_pid" 2>/dev/null || return 1
     sleep 0.5
   done
   return 1
 }
 
+# The two conditions below are called through wait_stats.
+# shellcheck disable=SC2317
 has_capture() { grep -q '"attach_mode"' <<<"$stats"; }
 
 # exchanges.seen is the first "seen" in the stats.
+# shellcheck disable=SC2317
 all_seen() {
   local seen
   seen=$(grep -Eo '"seen": *[0-9]+' <<<"$stats" | head -n 1 | grep -Eo '[0-9]+$')
@@ -201,8 +205,9 @@ EOF
     --no-fallback >"$dir/specter.log" 2>&1 &
   specter_pid=$!
   if ! wait_stats has_capture 60; then
-    echo "specter attach served no capture stats within 60 s; its log:"
+    echo "its log:"
     plain "$dir/specter.log" | tail -n 40
+    echo "specter attach --no-fallback did not attach; see attach-mode/specter.log"
     return 1
   fi
   mode=$(grep -Eo '"attach_mode": *"[a-z]+"' <<<"$stats" | grep -Eo '[a-z]+"$' | tr -d '"')
@@ -223,9 +228,10 @@ EOF
 
   ip netns exec "$client" "$specter" traffic --target 10.202.0.1:8080 --requests 100 \
     --connections 2 >"$dir/traffic.json" 2>"$dir/traffic.log" ||
-    { echo "specter traffic failed"; cat "$dir/traffic.log"; return 1; }
+    { cat "$dir/traffic.log"; echo "specter traffic failed"; return 1; }
   if ! wait_stats all_seen 60; then
-    echo "the 100 requests were not all seen within 60 s; last stats: $stats"
+    echo "last stats: $stats"
+    echo "the 100 requests were not all seen within 60 s"
     return 1
   fi
   echo "100 requests seen through $mode capture"

@@ -302,7 +302,9 @@ async fn run_attach(
     let capture_thread = std::thread::Builder::new()
         .name("specter-capture".into())
         .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(ring::run(
                 ring,
                 reassembler,

@@ -380,7 +380,6 @@ fn configure_analysis(config: &Validated, profile: &Profile) {
 async fn mirror(shared: &Shared, exchange: Exchange) {
     let request = &exchange.request;
     let route = shared.profile.route(&request.method, request.path());
-    let live = StoredResponse::from_response(&exchange.response, exchange.timing.live_latency);
     let time_ms = exchange
         .timing
         .started
@@ -449,7 +448,7 @@ async fn mirror(shared: &Shared, exchange: Exchange) {
             target: request.target.clone(),
             route: route.clone(),
             routing_key: exchange.routing_key.clone(),
-            live,
+            live: StoredResponse::from_response(&exchange.response, exchange.timing.live_latency),
             shadow: answer.map(|a| StoredResponse::from_response(&a.response, a.latency)),
             differences: comparison.into_stored(),
             error,

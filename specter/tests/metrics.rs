@@ -177,8 +177,7 @@ fn metrics_move_with_the_traffic_through_the_proxy() {
     let dir = tempdir();
     let live = TestServer::live(dir.path());
     let shadow = TestServer::shadow(dir.path());
-    let config =
-        ProxyConfig::new(live.url(), shadow.url()).section("cluster:\n  node_name: metrics-node");
+    let config = ProxyConfig::new(live.url(), shadow.url());
     let specter = Specter::start(dir.path(), config);
     let client = client();
 
@@ -205,7 +204,11 @@ fn metrics_move_with_the_traffic_through_the_proxy() {
     );
     assert_eq!(before.value("specter_up", &[]), 1.0);
     let info = &before.families["specter"].1[0].0;
-    assert_eq!(info["node"], "metrics-node");
+    let node = specter.stats()["node"]
+        .as_str()
+        .expect("stats name the node")
+        .to_owned();
+    assert_eq!(info["node"], node.as_str());
     assert_eq!(info["mode"], "proxy");
 
     // 6 divergent GETs, 10 matching GETs on one route, 4 POSTs the shadow never sees.

@@ -15,7 +15,7 @@
 
 use std::{
     fs,
-    io::Read as _,
+    io::Read,
     os::unix::{fs::symlink, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -358,17 +358,34 @@ fn choose_accel(requested: Accel) -> anyhow::Result<Accel> {
 
 /// Runs `command` in a process group of its own; kills the whole group (qemu included) when
 /// it runs past `timeout`. Returns the exit code, or `None` when it was killed.
+///
+/// The guest's console is copied through pipes: qemu reopens `/proc/self/fd/1` and `2` for its
+/// console, and reopening a regular file (CI's log, say) would start writing at offset 0 over
+/// what is already there.
 fn run_with_deadline(command: &mut Command, timeout: Duration) -> anyhow::Result<Option<i32>> {
     eprintln!("xtask: running {command:?}");
     let mut child = command
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
         .context("cannot start vng")?;
+    let copiers = [
+        child
+            .stdout
+            .take()
+            .map(|from| copy_to_stderr(Box::new(from))),
+        child
+            .stderr
+            .take()
+            .map(|from| copy_to_stderr(Box::new(from))),
+    ];
+
     let deadline = Instant::now() + timeout;
-    loop {
+    let status = loop {
         if let Some(status) = child.try_wait()? {
-            return Ok(Some(status.code().unwrap_or(-1)));
+            break Some(status.code().unwrap_or(-1));
         }
         if Instant::now() >= deadline {
             let group = child.id() as libc::pid_t;
@@ -378,10 +395,20 @@ fn run_with_deadline(command: &mut Command, timeout: Duration) -> anyhow::Result
             // SAFETY: as above.
             unsafe { libc::kill(-group, libc::SIGKILL) };
             let _ = child.wait();
-            return Ok(None);
+            break None;
         }
         std::thread::sleep(Duration::from_millis(500));
+    };
+    for copier in copiers.into_iter().flatten() {
+        let _ = copier.join();
     }
+    Ok(status)
+}
+
+fn copy_to_stderr(mut from: Box<dyn Read + Send>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut std::io::stderr());
+    })
 }
 
 /// Passed and failed counts: each test function from the guest's per-test result lines, and

@@ -199,13 +199,16 @@ fn observe(ctx: &TcContext, direction: u8) -> Result<(), ()> {
 /// Copies `len` payload bytes at `offset` into the scratch record; false when it cannot.
 #[inline(always)]
 fn copy_payload(ctx: &TcContext, scratch: &mut Scratch, offset: usize, len: usize) -> bool {
-    // The compiler knows `len` is within bounds and would drop these checks, but the verifier
-    // needs to see them on the very register passed to the helper; a volatile read keeps them.
-    // SAFETY: reading a local through a valid reference.
-    let len = unsafe { core::ptr::read_volatile(&len) };
     if len == 0 || len > CHUNK_BYTES {
         return false;
     }
+    // Older verifiers (6.1) do not learn `len != 0` from the test above, and the helper refuses
+    // a size that may be zero. Masking `len - 1` and adding one gives them the range
+    // [1, CHUNK_BYTES] by arithmetic alone; the volatile read keeps the compiler from folding
+    // the mask away, since it knows the range too.
+    // SAFETY: reading a local through a valid reference.
+    let len_minus_one = unsafe { core::ptr::read_volatile(&(len - 1)) };
+    let len = (len_minus_one & (CHUNK_BYTES - 1)) + 1;
     // SAFETY: the destination is the scratch payload, at least `len` bytes long (checked above).
     let ret = unsafe {
         bpf_skb_load_bytes(

@@ -108,12 +108,15 @@ pub fn run(root: &Path, options: &Options) -> anyhow::Result<()> {
         .arg(&results)
         .arg("--cwd")
         .arg(root)
+        // The guest's console (boot messages, the checks' progress) is the only trace of a
+        // guest that fails before writing its results.
+        .arg("--verbose")
         .args(["--exec", &guest_command]);
     if accel == Accel::Tcg {
         vng.arg("--disable-kvm");
     }
     eprintln!(
-        "xtask: booting {release} ({} MiB memory, {} CPUs, {accel:?}); up to {} min",
+        "xtask: booting {release} ({} memory, {} CPUs, {accel:?}); up to {} min",
         options.memory,
         options.cpus,
         options.timeout.as_secs() / 60
@@ -132,30 +135,48 @@ pub fn run(root: &Path, options: &Options) -> anyhow::Result<()> {
     let took = started.elapsed().as_secs();
     eprintln!("xtask: vm-test took {} min {} s", took / 60, took % 60);
 
-    match (vng_status, exit.trim()) {
-        (None, _) => bail!(
+    let Some(vng_code) = vng_status else {
+        bail!(
             "the VM did not finish within {} min; the logs so far are in {}",
             options.timeout.as_secs() / 60,
             results.display()
-        ),
-        (Some(_), "0") => {
-            let (passed, failed) = count_results(&tests, &summary);
-            println!("vm-test: {passed} passed, {failed} failed");
-            Ok(())
-        }
-        (Some(_), "") => bail!(
-            "the guest stopped before the checks finished (vng exited with {}); see the console \
-             output above and {}",
-            vng_status.map_or(-1, |code| code),
+        );
+    };
+    if exit.trim().is_empty() {
+        bail!(
+            "the guest stopped before the checks finished (vng exited with {vng_code}); see the \
+             console output above and {}",
             results.display()
-        ),
-        (Some(_), _) => {
-            let (passed, failed) = count_results(&tests, &summary);
-            println!("vm-test: {passed} passed, {failed} failed");
-            bail!(
-                "attach checks failed on {release}; each check's log is in {}",
-                results.display()
-            )
+        );
+    }
+    show_failed_logs(&results, &summary);
+    let (passed, failed) = count_results(&tests, &summary);
+    println!("vm-test: {passed} passed, {failed} failed");
+    if exit.trim() != "0" {
+        bail!(
+            "attach checks failed on {release}; each check's log is in {}",
+            results.display()
+        );
+    }
+    Ok(())
+}
+
+/// The end of each failed check's log, where the cause usually is (the verifier's verdict,
+/// a test's panic, the last thing `specter attach` said).
+fn show_failed_logs(results: &Path, summary: &str) {
+    for line in summary.lines().filter(|l| l.starts_with("FAIL ")) {
+        let Some(check) = line.split_whitespace().nth(1) else {
+            continue;
+        };
+        let log = match check.strip_prefix("attach-mode-") {
+            Some(_) => results.join("attach-mode.log"),
+            None => results.join(format!("{check}.log")),
+        };
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("\nxtask: the end of {}:", log.display());
+        for line in &lines[lines.len().saturating_sub(20)..] {
+            eprintln!("  {line}");
         }
     }
 }

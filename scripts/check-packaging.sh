@@ -7,7 +7,7 @@
 #              the unit; `specter check-config` on every config the packages ship
 #   build      the Dockerfile's builder stage run natively: docker/build.sh, the same script
 #              its RUN lines call, in a copy of the working tree (the Docker build context) with
-#              a fresh target directory. A release build from scratch: about 15 minutes here
+#              a fresh target directory. A release build from scratch: over 20 minutes here
 #   runtime    the runtime stage's privilege model run natively: the image's entrypoint and
 #              its file-capability launcher, as uid 10001 with the bounding set Docker gives
 #              (defaults for proxy mode; only BPF, NET_ADMIN, PERFMON for attach mode), against

@@ -206,6 +206,13 @@ impl Cluster {
                 addr
             }
         };
+        if api.ip().is_loopback() && !advertise.ip().is_loopback() {
+            warn!(
+                %api,
+                "api.listen is a loopback address: other members cannot read this node's \
+                 figures, so cluster-wide stats will miss them; listen on an address they reach"
+            );
+        }
         let profile = pipeline.profile().clone();
         let max_frame = 2 * config.config.capture.max_body_bytes + FRAME_OVERHEAD;
 
@@ -389,11 +396,7 @@ impl Cluster {
 impl Router for Cluster {
     fn route(&self, exchange: Exchange) -> Option<Exchange> {
         let placement = self.placement();
-        let owner = match (&exchange.routing_key, exchange.client) {
-            (Some(key), _) => placement.ring.owner(key.as_bytes()),
-            (None, Some(client)) => placement.ring.owner(client.ip().to_string().as_bytes()),
-            (None, None) => None,
-        };
+        let owner = ownership_key(&exchange).and_then(|key| placement.ring.owner(key.as_bytes()));
         let Some(owner) = owner.filter(|owner| *owner != self.local) else {
             return Some(exchange);
         };
@@ -405,6 +408,16 @@ impl Router for Cluster {
             self.profile.tally(Tally::ForwardError);
         }
         refused
+    }
+}
+
+/// What decides an exchange's owner: its routing key, else its client's IP (never the port,
+/// which changes with every connection); none when neither is known, and it stays local.
+pub fn ownership_key(exchange: &Exchange) -> Option<String> {
+    match (&exchange.routing_key, exchange.client) {
+        (Some(key), _) => Some(key.clone()),
+        (None, Some(client)) => Some(client.ip().to_string()),
+        (None, None) => None,
     }
 }
 

@@ -332,7 +332,7 @@ impl Default for RoutesSection {
     }
 }
 
-/// Cluster membership. Read and validated now; with no section Specter is a single node.
+/// The cluster this node belongs to (see `cluster`); with no section Specter is a single node.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSection {

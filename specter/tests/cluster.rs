@@ -24,6 +24,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use cluster::{Node, NodeSpec, Topology, counter, secret_file};
+use harness::wait_until;
 
 const ALL: [&str; 3] = ["node-0", "node-1", "node-2"];
 /// The promise: a dead member is dropped within this.
@@ -105,8 +106,10 @@ fn users_are_recorded_by_one_node_in_order_and_cluster_figures_are_exact() {
     }
 
     // Every user's requests go round the three nodes; `/orders/{n}` always diverges, so each
-    // one is stored and listed with its target. The pause keeps each request ahead of the
-    // next one through another node even after a forwarding hop.
+    // one is stored and listed with its target. Each round settles before the next, as one
+    // user's requests do when each waits for the last: across entry nodes, order is the order
+    // of arrival at the owner (the forward channel keeps order per entry node; its unit tests
+    // check a pipelined burst).
     let users: Vec<String> = (0..6).map(|u| format!("user-{u}")).collect();
     let per_user = 9;
     let mut sent = 0u64;
@@ -116,11 +119,13 @@ fn users_are_recorded_by_one_node_in_order_and_cluster_figures_are_exact() {
             send(&topology, node, user, &format!("/orders/{n}"));
             sent += 1;
         }
-        thread::sleep(Duration::from_millis(50));
+        settled_stats(&nodes, "the round mirrored", |stats| {
+            sum(stats, "seen") == sent && sum(stats, "mirrored") == sent
+        });
     }
 
     let stats = settled_stats(&nodes, "every exchange mirrored", |stats| {
-        sum(stats, "mirrored") == sent
+        sum(stats, "seen") == sent && sum(stats, "mirrored") == sent
     });
     assert_eq!(
         sum(&stats, "seen"),
@@ -136,7 +141,19 @@ fn users_are_recorded_by_one_node_in_order_and_cluster_figures_are_exact() {
         "some requests entered away from their owner"
     );
 
-    // Each user's divergences are all on its owner, none elsewhere, in the order sent.
+    // Each user's divergences are all on its owner, none elsewhere, in the order sent. Events
+    // reach the store a moment after the counters move, so wait for all of them first.
+    wait_until("every divergence stored", Duration::from_secs(20), || {
+        let stored: usize = nodes
+            .iter()
+            .map(|node| {
+                node.api_json("/api/divergences?limit=1000")["divergences"]
+                    .as_array()
+                    .map_or(0, Vec::len)
+            })
+            .sum();
+        (stored as u64 == sent).then_some(())
+    });
     // (id, routing key, target) of every event each node recorded.
     let recorded: BTreeMap<String, Vec<(u64, String, String)>> = nodes
         .iter()
@@ -341,9 +358,13 @@ fn a_partition_heals_and_every_exchange_is_recorded_or_counted() {
     round(n);
 
     // Every exchange entered once; each was recorded once, or counted where it was lost.
+    // The nodes are read one after the other, so wait until the entry counts are complete
+    // too: an exchange is submitted just after its client got the answer.
     let stats = settled_stats(&nodes, "the exchanges accounted for", |stats| {
-        sum(stats, "mirrored") + sum(stats, "shadow_dropped") + sum(stats, "forward_unconfirmed")
-            >= sent
+        let handled = sum(stats, "mirrored")
+            + sum(stats, "shadow_dropped")
+            + sum(stats, "forward_unconfirmed");
+        sum(stats, "seen") == sent && handled >= sent
     });
     assert_eq!(sum(&stats, "seen"), sent);
     assert!(

@@ -50,8 +50,9 @@ const MAC_LEN: usize = 32;
 /// The byte the owner sends back for each job it took.
 const ACK: u8 = 0x06;
 
-/// Jobs waiting for one owner's connection; beyond it they are handled locally.
-pub const LINK_QUEUE: usize = 4096;
+/// Jobs waiting for one owner's connection; beyond it they are handled locally. Each job holds
+/// up to two capped bodies, so this bounds memory as much as it bounds count.
+pub const LINK_QUEUE: usize = 1024;
 /// Jobs written to an owner and not yet acknowledged, at most.
 const IN_FLIGHT: usize = 512;
 /// How long an owner may take to acknowledge a job before its link is declared dead. An owner
@@ -349,7 +350,17 @@ async fn ship_over(
     let mut closing = false;
 
     let failed = |in_flight: &mut VecDeque<Instant>, why: &str| {
-        debug!(%addr, unconfirmed = in_flight.len(), why, "Forward connection failed");
+        if in_flight.is_empty() {
+            debug!(%addr, why, "Forward connection ended");
+        } else {
+            warn!(
+                %addr,
+                why,
+                unconfirmed = in_flight.len(),
+                "Forward connection failed with jobs unacknowledged; they are counted as \
+                 forward_unconfirmed and not replayed here"
+            );
+        }
         for _ in in_flight.drain(..) {
             outcome.unconfirmed();
         }

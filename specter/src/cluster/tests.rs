@@ -29,15 +29,13 @@ fn exchange() -> Exchange {
             body: Bytes::from(vec![7u8; 10_000]),
         },
         timing: Timing {
-            started: UNIX_EPOCH_PLUS,
+            started: SystemTime::UNIX_EPOCH,
             live_latency: Duration::from_micros(1234),
         },
         routing_key: Some("user-ü".into()),
         quality: Quality::Truncated,
     }
 }
-
-const UNIX_EPOCH_PLUS: SystemTime = SystemTime::UNIX_EPOCH;
 
 #[test]
 fn a_job_decodes_to_the_exchange_it_was_made_from() {
@@ -179,4 +177,19 @@ fn cluster_config_errors_name_the_key() {
             "cluster.secret_file"
         );
     }
+}
+
+#[test]
+fn the_routing_key_decides_the_owner_else_the_client_ip() {
+    let mut keyed = exchange();
+    assert_eq!(ownership_key(&keyed).as_deref(), Some("user-ü"));
+
+    keyed.routing_key = None;
+    assert_eq!(ownership_key(&keyed).as_deref(), Some("fd00::7"));
+    let mut other_port = keyed.clone();
+    other_port.client = Some("[fd00::7]:40000".parse().unwrap());
+    assert_eq!(ownership_key(&keyed), ownership_key(&other_port));
+
+    keyed.client = None;
+    assert_eq!(ownership_key(&keyed), None);
 }

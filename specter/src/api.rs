@@ -117,7 +117,7 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
         "/api/cluster/owner" => cluster_owner(state, &query),
         _ => {
             if let Some(id) = path.strip_prefix("/api/divergences/") {
-                divergence(state, id).await
+                divergence(state, id, &query).await
             } else if let Some(rest) = path.strip_prefix("/api/routes/") {
                 route_detail(state, rest)
             } else {
@@ -148,7 +148,17 @@ async fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
         capture: state.capture.as_ref().map(|view| view()),
         store: health,
     };
-    match crate::metrics::encode(&sources, &[]) {
+    let extra: Vec<crate::metrics::ExtraGauge> = state
+        .cluster
+        .iter()
+        .map(|cluster| crate::metrics::ExtraGauge {
+            name: "specter_cluster_members".to_owned(),
+            help: "Live members of the cluster as this node sees them, itself included.".to_owned(),
+            labels: Vec::new(),
+            value: cluster.members().len() as f64,
+        })
+        .collect();
+    match crate::metrics::encode(&sources, &extra) {
         Ok(text) => {
             let mut response = Response::new(Full::new(Bytes::from(text)));
             response.headers_mut().insert(
@@ -218,6 +228,10 @@ async fn stats(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
 
 /// Which figures a request asks for: this node's (`scope=local`, the default) or the whole
 /// cluster's (`scope=cluster`), merged from every live member's admin API.
+///
+/// Limitation: a member that does not answer within the read timeout is left out of the totals
+/// (listed in `nodes` with `ok: false`), and field tables are not merged: they stay on the
+/// member that learned them.
 struct Scoped {
     /// The merged profile, for the cluster scope.
     merged: Option<Profile>,
@@ -387,13 +401,46 @@ async fn divergences(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
     }
 }
 
-async fn divergence(state: &ApiState, id: &str) -> Response<Full<Bytes>> {
+/// `GET /api/divergences/{id}`: one event of this node's, or with `node=NAME` (as cluster-wide
+/// lists tag their entries) the event of that member, read from its admin API.
+async fn divergence(state: &ApiState, id: &str, query: &Query) -> Response<Full<Bytes>> {
     let Ok(id) = id.parse::<u64>() else {
         return error(
             StatusCode::BAD_REQUEST,
             &format!("divergence id {id:?} is not a number"),
         );
     };
+    if let Some(node) = query.get("node").filter(|node| *node != state.node) {
+        let Some(cluster) = &state.cluster else {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "node={node:?}: this node ({}) is not in a cluster",
+                    state.node
+                ),
+            );
+        };
+        return match cluster.ask(node, &format!("/api/divergences/{id}")).await {
+            // The member's own answer, a 404 for an id it no longer holds included.
+            Some(Ok((status, body))) => {
+                let mut response = Response::new(Full::new(body));
+                *response.status_mut() = status;
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                response
+            }
+            Some(Err(reason)) => error(
+                StatusCode::BAD_GATEWAY,
+                &format!("divergence {id} of node {node:?}: {reason}"),
+            ),
+            None => error(
+                StatusCode::NOT_FOUND,
+                &format!("node={node:?} is not a live member of the cluster"),
+            ),
+        };
+    }
     let store = state.store.clone();
     match tokio::task::spawn_blocking(move || store.get(id)).await {
         Ok(Ok(Some(event))) => json_response(StatusCode::OK, &event),
@@ -502,7 +549,9 @@ async fn verdict(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
             }
         }
     }
-    json_response(StatusCode::OK, &scoped.profile(state).verdict(&criteria))
+    let mut body = json!(scoped.profile(state).verdict(&criteria));
+    scoped.annotate(&mut body);
+    json_response(StatusCode::OK, &body)
 }
 
 /// Decodes `%XX` escapes; `None` for a broken escape or bytes that are not UTF-8.

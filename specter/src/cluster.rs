@@ -32,6 +32,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use http::StatusCode;
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -375,6 +376,20 @@ impl Cluster {
             .collect()
     }
 
+    /// The answer (status and body, whatever the status) of the live member called `name` to
+    /// `GET path_and_query` on its admin API; `None` when no live member has that name.
+    pub async fn ask(
+        &self,
+        name: &str,
+        path_and_query: &str,
+    ) -> Option<Result<(StatusCode, Bytes), String>> {
+        let member = self.members().iter().find(|m| m.name == name).cloned()?;
+        Some(match &member.meta {
+            Some(meta) => fetch_answer(&self.http, meta.api, path_and_query).await,
+            None => Err("its metadata cannot be read".to_owned()),
+        })
+    }
+
     /// This node's entry in a cluster-wide answer.
     pub fn local_status(&self) -> NodeStatus {
         NodeStatus {
@@ -463,6 +478,26 @@ async fn fetch(
     api: SocketAddr,
     path: &str,
 ) -> Result<Bytes, String> {
+    let answer = match fetch_answer(http, api, path).await {
+        Ok((status, body)) if status.is_success() => Ok(body),
+        Ok((status, body)) => Err(format!(
+            "answered {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        )),
+        Err(error) => Err(error),
+    };
+    if let Err(error) = &answer {
+        debug!(%api, path, %error, "Cannot read a member's admin API");
+    }
+    answer
+}
+
+/// `GET path` on a member's admin API: its status and body, or why there was none.
+async fn fetch_answer(
+    http: &Client<HttpConnector, Empty<Bytes>>,
+    api: SocketAddr,
+    path: &str,
+) -> Result<(StatusCode, Bytes), String> {
     let read = async {
         let request = http::Request::get(format!("http://{api}{path}"))
             .body(Empty::new())
@@ -474,21 +509,11 @@ async fn fetch(
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        if !status.is_success() {
-            return Err(format!(
-                "answered {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(200)])
-            ));
-        }
-        Ok(body)
+        Ok((status, body))
     };
-    let answer = tokio::time::timeout(FETCH_TIMEOUT, read)
+    tokio::time::timeout(FETCH_TIMEOUT, read)
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {FETCH_TIMEOUT:?}")));
-    if let Err(error) = &answer {
-        debug!(%api, path, %error, "Cannot read a member's admin API");
-    }
-    answer
+        .unwrap_or_else(|_| Err(format!("no answer within {FETCH_TIMEOUT:?}")))
 }
 
 fn status_of(member: &Member, answer: Result<(), String>) -> NodeStatus {

@@ -186,6 +186,10 @@ pub struct EventSummary {
     /// The first few difference paths that count, most severe first, as `kind:path`.
     pub paths: Vec<String>,
     pub error: Option<String>,
+    /// The node that recorded it, in cluster-wide lists (`scope=cluster`); event ids are per
+    /// node, so a divergence there is named by node and id together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Event {
@@ -211,6 +215,7 @@ impl Event {
                 .map(|d| format!("{}:{}", kind_name(d.kind), d.path))
                 .collect(),
             error: self.error.clone(),
+            node: None,
         }
     }
 }

@@ -101,6 +101,10 @@ enum Command {
     Tui {
         #[arg(long, default_value = "http://127.0.0.1:9090")]
         api: String,
+        /// Show this node's figures (`local`) or its whole cluster's, merged from every live
+        /// member (`cluster`).
+        #[arg(long, value_enum, default_value_t = specter::verdict::Scope::Local)]
+        scope: specter::verdict::Scope,
     },
     /// Ask a running Specter whether the shadow passes: prints a table per route and exits 0
     /// (pass), 1 (fail), 2 (not enough evidence yet) or 3 (no verdict could be had).
@@ -174,9 +178,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("loaded: {}", loaded.join(", "));
             Ok(())
         }
-        (Some(Command::Tui { api }), None, None) => {
+        (Some(Command::Tui { api, scope }), None, None) => {
             // A blocking loop with its own poller runtime: keep it off the async workers.
-            tokio::task::spawn_blocking(move || specter::tui::run(api)).await??;
+            tokio::task::spawn_blocking(move || specter::tui::run(api, scope)).await??;
             Ok(())
         }
         (Some(Command::Verdict { args }), None, None) => {

@@ -27,8 +27,8 @@
 //!   `# UNIT` metadata is written: Prometheus does not use it, and some OpenMetrics parsers
 //!   reject it on histograms.
 //!
-//! Figures that live outside the profile, such as cluster health, join a scrape as
-//! [`ExtraGauge`]s passed to [`encode`].
+//! Figures that live outside the profile, such as the number of cluster members, join a scrape
+//! as [`ExtraGauge`]s passed to [`encode`].
 
 use std::{collections::HashMap, fmt};
 
@@ -254,6 +254,7 @@ impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         self.process(&mut encoder)?;
         self.exchanges(&mut encoder)?;
+        self.noise_and_cluster(&mut encoder)?;
         self.routes(&mut encoder)?;
         histogram(
             &mut encoder,
@@ -341,6 +342,50 @@ impl Scrape {
         )?;
         for (result, value) in results {
             ConstCounter::new(value).encode(metric.encode_family(&[("result", result)])?)?;
+        }
+        Ok(())
+    }
+
+    /// Work beside the mirrored exchanges: the extra replays that learn noise, and the jobs a
+    /// cluster node ships to (or takes from) the owner of their routing key. A single node
+    /// exports the cluster counters as zero.
+    fn noise_and_cluster(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let c = &self.counters;
+        let figures = [
+            (
+                "specter_noise_replays",
+                "Extra replays sent to learn noise (to the secondary, or a second time to the \
+                 shadow); not counted as mirrored exchanges.",
+                c.noise_replays,
+            ),
+            (
+                "specter_noise_comparisons",
+                "Comparisons of answers that should have been equal, made to learn noise.",
+                c.noise_comparisons,
+            ),
+            (
+                "specter_cluster_forwarded",
+                "Exchanges shipped to the node owning their routing key, which acknowledged them.",
+                c.forwarded,
+            ),
+            (
+                "specter_cluster_forward_errors",
+                "Exchanges that could not be shipped to their owner and were handled here instead.",
+                c.forward_errors,
+            ),
+            (
+                "specter_cluster_forward_unconfirmed",
+                "Exchanges shipped to their owner that it never acknowledged; not replayed here.",
+                c.forward_unconfirmed,
+            ),
+            (
+                "specter_cluster_forward_received",
+                "Exchanges other nodes shipped here because this node owns their routing key.",
+                c.forward_received,
+            ),
+        ];
+        for (name, help, value) in figures {
+            counter(encoder, name, help, value)?;
         }
         Ok(())
     }

@@ -23,6 +23,8 @@ use std::time::Duration;
 use crossterm::event::{self as term_event, Event as TermEvent};
 use thiserror::Error;
 
+use crate::verdict::Scope;
+
 use self::{
     app::{App, Input},
     client::{ApiBase, Poller},
@@ -47,16 +49,17 @@ pub enum TuiError {
 }
 
 /// Runs the dashboard on the admin API at `api` (e.g. `http://127.0.0.1:9090`) until the user
-/// quits. Blocks; it starts its own thread and runtime for the HTTP calls, so it may be called
-/// from a blocking thread of another runtime (not from inside an async task).
-pub fn run(api: String) -> Result<(), TuiError> {
+/// quits, showing that node's figures or, with [`Scope::Cluster`], its whole cluster's.
+/// Blocks; it starts its own thread and runtime for the HTTP calls, so it may be called from a
+/// blocking thread of another runtime (not from inside an async task).
+pub fn run(api: String, scope: Scope) -> Result<(), TuiError> {
     let base = ApiBase::parse(&api).map_err(|reason| TuiError::ApiUrl {
         url: api.clone(),
         reason,
     })?;
-    let poller = Poller::spawn(base.clone(), REFRESH_INTERVAL).map_err(TuiError::Poller)?;
+    let poller = Poller::spawn(base.clone(), scope, REFRESH_INTERVAL).map_err(TuiError::Poller)?;
     let mut guard = TerminalGuard::enter().map_err(TuiError::TerminalSetup)?;
-    let mut app = App::new(base.as_str());
+    let mut app = App::new(base.as_str()).in_scope(scope);
 
     // Every pass draws, waits briefly for a key, then takes whatever the poller has answered.
     // A resize needs nothing special: the next pass draws at the new size.

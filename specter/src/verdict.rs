@@ -1,9 +1,9 @@
 //! `specter verdict`: asks a running Specter whether the shadow passes, prints a table per
-//! route, and exits 0 (pass), 1 (fail) or 2 (not enough evidence yet), for a CI job or a canary
-//! gate.
+//! route, and exits 0 (pass), 1 (fail), 2 (not enough evidence yet) or 3 (no verdict could be
+//! had), for a CI job or a canary gate.
 //!
 //! Like the dashboard it is a client of the admin API only (`GET /api/verdict`), so it can ask
-//! any node from anywhere. The rule itself lives in [`crate::profile::Verdict`] and
+//! any node from anywhere, for that node's figures or (`--scope cluster`) the whole cluster's. The rule itself lives in [`crate::profile::Verdict`] and
 //! `docs/analysis.md`.
 
 use std::{fmt::Write as _, time::Duration};
@@ -15,6 +15,7 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
+use serde::Deserialize;
 use thiserror::Error;
 
 use crate::profile::{Decision, RouteVerdict, Verdict};
@@ -43,6 +44,51 @@ pub struct VerdictArgs {
     /// `compare.latency_ratio`.
     #[arg(long)]
     pub max_latency_ratio: Option<f64>,
+    /// Judge this node's figures (`local`) or the whole cluster's, merged from every live
+    /// member (`cluster`). A cluster verdict needs every member's figures: when one cannot be
+    /// read there is no verdict (exit 3).
+    #[arg(long, value_enum, default_value_t = Scope::Local)]
+    pub scope: Scope,
+}
+
+/// Whose figures an API client asks for: the `scope` query parameter of the admin API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scope {
+    /// The node asked.
+    #[default]
+    Local,
+    /// Every live member of its cluster, merged.
+    Cluster,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Cluster => "cluster",
+        }
+    }
+}
+
+/// `GET /api/verdict`: the verdict, and in the cluster scope the members it was read from.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Answer {
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Each member's part of a cluster verdict; empty for a node's own.
+    #[serde(default)]
+    pub nodes: Vec<NodePart>,
+}
+
+/// One member's part of a cluster-wide answer.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct NodePart {
+    pub name: String,
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Why no verdict could be had.
@@ -62,14 +108,19 @@ pub enum VerdictError {
     },
     #[error("GET {url} answered a body that is not a verdict: {reason}")]
     Decode { url: String, reason: String },
+    #[error(
+        "the cluster verdict would leave out the figures of {}; ask again or use --scope local",
+        missing.join(", ")
+    )]
+    MembersMissing { missing: Vec<String> },
 }
 
 /// Fetches the verdict, prints it and returns the exit code.
 pub async fn run(args: &VerdictArgs) -> u8 {
     match fetch(args).await {
-        Ok(verdict) => {
-            print!("{}", render(&verdict));
-            verdict.verdict.exit_code()
+        Ok(answer) => {
+            print!("{}", render(&answer));
+            answer.verdict.verdict.exit_code()
         }
         Err(error) => {
             eprintln!("specter verdict: {error}");
@@ -78,10 +129,13 @@ pub async fn run(args: &VerdictArgs) -> u8 {
     }
 }
 
-/// `GET /api/verdict` with the criteria given.
-pub async fn fetch(args: &VerdictArgs) -> Result<Verdict, VerdictError> {
+/// `GET /api/verdict` with the criteria and scope given.
+pub async fn fetch(args: &VerdictArgs) -> Result<Answer, VerdictError> {
     let base = base_url(&args.api)?;
     let mut query = Vec::new();
+    if args.scope != Scope::Local {
+        query.push(format!("scope={}", args.scope.as_str()));
+    }
     if let Some(rate) = args.min_match_rate {
         query.push(format!("min_match_rate={rate}"));
     }
@@ -139,10 +193,30 @@ pub async fn fetch(args: &VerdictArgs) -> Result<Verdict, VerdictError> {
             body: String::from_utf8_lossy(&body).chars().take(300).collect(),
         });
     }
-    serde_json::from_slice(&body).map_err(|e| VerdictError::Decode {
+    let answer: Answer = serde_json::from_slice(&body).map_err(|e| VerdictError::Decode {
         url,
         reason: e.to_string(),
-    })
+    })?;
+    complete(answer)
+}
+
+/// The answer, if it holds the figures of every member it names: a cluster verdict with a
+/// member left out could pass a shadow that fails there.
+fn complete(answer: Answer) -> Result<Answer, VerdictError> {
+    let missing: Vec<String> = answer
+        .nodes
+        .iter()
+        .filter(|node| !node.ok)
+        .map(|node| match &node.error {
+            Some(error) => format!("{} ({error})", node.name),
+            None => node.name.clone(),
+        })
+        .collect();
+    if missing.is_empty() {
+        Ok(answer)
+    } else {
+        Err(VerdictError::MembersMissing { missing })
+    }
 }
 
 /// `http://host:port` without a trailing slash; a bare `host:port` gets the scheme.
@@ -165,9 +239,19 @@ fn base_url(api: &str) -> Result<String, VerdictError> {
 }
 
 /// The verdict as a table, one line per route, then the reasons and the overall decision.
-pub fn render(verdict: &Verdict) -> String {
+pub fn render(answer: &Answer) -> String {
+    let verdict = &answer.verdict;
     let c = &verdict.criteria;
     let mut out = String::new();
+    if answer.scope.as_deref() == Some("cluster") {
+        let names: Vec<&str> = answer.nodes.iter().map(|n| n.name.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "scope: cluster of {} ({})",
+            names.len(),
+            names.join(", ")
+        );
+    }
     let _ = writeln!(
         out,
         "criteria: match rate >= {}, samples >= {}, shadow p90 <= {}x live p90",
@@ -228,5 +312,52 @@ fn decision_name(decision: Decision) -> &'static str {
         Decision::Pass => "pass",
         Decision::Fail => "fail",
         Decision::InsufficientEvidence => "insufficient evidence",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn answer(nodes: serde_json::Value) -> Answer {
+        serde_json::from_value(json!({
+            "verdict": "pass",
+            "criteria": {"min_match_rate": 0.999, "min_samples": 10, "max_latency_ratio": 1.5},
+            "routes": [],
+            "scope": "cluster",
+            "nodes": nodes,
+        }))
+        .expect("a verdict answer")
+    }
+
+    #[test]
+    fn a_cluster_verdict_names_its_members() {
+        let answer = complete(answer(json!([
+            {"name": "node-a", "api": "10.0.0.1:9090", "ok": true},
+            {"name": "node-b", "api": "10.0.0.2:9090", "ok": true}
+        ])))
+        .expect("every member answered");
+        let text = render(&answer);
+        assert!(
+            text.starts_with("scope: cluster of 2 (node-a, node-b)\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("verdict: pass\n"), "{text}");
+    }
+
+    #[test]
+    fn a_member_left_out_means_no_cluster_verdict() {
+        let error = complete(answer(json!([
+            {"name": "node-a", "api": "10.0.0.1:9090", "ok": true},
+            {"name": "node-b", "api": null, "ok": false, "error": "no answer within 2s"}
+        ])))
+        .expect_err("node-b's figures are missing");
+        assert_eq!(
+            error.to_string(),
+            "the cluster verdict would leave out the figures of node-b (no answer within 2s); \
+             ask again or use --scope local"
+        );
     }
 }

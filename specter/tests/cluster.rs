@@ -13,6 +13,8 @@ mod cluster;
 mod harness;
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/tmux.rs"]
+mod tmux;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,7 +26,8 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use cluster::{Node, NodeSpec, Topology, counter, secret_file};
-use harness::wait_until;
+use harness::{SPECTER, wait_until};
+use tmux::{Tmux, card_value};
 
 const ALL: [&str; 3] = ["node-0", "node-1", "node-2"];
 /// The promise: a dead member is dropped within this.
@@ -39,8 +42,9 @@ fn tempdir() -> TempDir {
         .expect("create a test directory")
 }
 
-/// Three nodes that all name node-0 as their seed, with the same secret.
-fn three_nodes(topology: &Topology, dir: &TempDir) -> Vec<Node> {
+/// Three nodes that all name node-0 as their seed, with the same secret: proxies, or with
+/// `attach` nodes that capture their own live service.
+fn three_nodes(topology: &Topology, dir: &TempDir, attach: bool) -> Vec<Node> {
     let secret = secret_file(dir.path(), "secret", "the cluster's shared secret");
     (0..3)
         .map(|index| {
@@ -51,6 +55,7 @@ fn three_nodes(topology: &Topology, dir: &TempDir) -> Vec<Node> {
                     index,
                     seeds: &[0],
                     secret_file: &secret,
+                    attach,
                 },
             )
         })
@@ -95,36 +100,42 @@ fn owners(node: &Node, keys: &[String]) -> BTreeMap<String, String> {
         .collect()
 }
 
-#[test]
-fn users_are_recorded_by_one_node_in_order_and_cluster_figures_are_exact() {
-    let dir = tempdir();
-    let topology = Topology::new(3);
-    let _upstreams = topology.start_upstreams(dir.path());
-    let nodes = three_nodes(&topology, &dir);
-    for node in &nodes {
-        node.wait_for_members(&ALL, JOIN_DEADLINE);
-    }
+/// What [`mirror_users_through_every_node`] sent, and what the nodes made of it.
+struct Mirrored {
+    sent: u64,
+    /// Each node's `/api/stats` once everything settled.
+    stats: Vec<Value>,
+    /// Node name -> (id, routing key, target) of every event it recorded, by id.
+    recorded: BTreeMap<String, Vec<(u64, String, String)>>,
+}
 
+/// Sends `per_user` requests for each of six users, going round the three nodes, and checks
+/// the promise of ownership: every exchange is seen once where it entered and mirrored once;
+/// each user's divergences are all on its owner, none elsewhere, in the order sent.
+fn mirror_users_through_every_node(
+    topology: &Topology,
+    nodes: &[Node],
+    per_user: usize,
+) -> Mirrored {
     // Every user's requests go round the three nodes; `/orders/{n}` always diverges, so each
     // one is stored and listed with its target. Each round settles before the next, as one
     // user's requests do when each waits for the last: across entry nodes, order is the order
     // of arrival at the owner (the forward channel keeps order per entry node; its unit tests
     // check a pipelined burst).
     let users: Vec<String> = (0..6).map(|u| format!("user-{u}")).collect();
-    let per_user = 9;
     let mut sent = 0u64;
     for n in 0..per_user {
         for (u, user) in users.iter().enumerate() {
             let node = &nodes[(n + u) % 3];
-            send(&topology, node, user, &format!("/orders/{n}"));
+            send(topology, node, user, &format!("/orders/{n}"));
             sent += 1;
         }
-        settled_stats(&nodes, "the round mirrored", |stats| {
+        settled_stats(nodes, "the round mirrored", |stats| {
             sum(stats, "seen") == sent && sum(stats, "mirrored") == sent
         });
     }
 
-    let stats = settled_stats(&nodes, "every exchange mirrored", |stats| {
+    let stats = settled_stats(nodes, "every exchange mirrored", |stats| {
         sum(stats, "seen") == sent && sum(stats, "mirrored") == sent
     });
     assert_eq!(
@@ -178,7 +189,7 @@ fn users_are_recorded_by_one_node_in_order_and_cluster_figures_are_exact() {
         .collect();
     for user in &users {
         let owner = nodes[0].owner_of(user);
-        for node in &nodes {
+        for node in nodes {
             assert_eq!(node.owner_of(user), owner, "every node agrees on the owner");
         }
         for (name, events) in &recorded {
@@ -201,6 +212,29 @@ fn users_are_recorded_by_one_node_in_order_and_cluster_figures_are_exact() {
             );
         }
     }
+
+    Mirrored {
+        sent,
+        stats,
+        recorded,
+    }
+}
+
+#[test]
+fn users_are_recorded_by_one_node_in_order_and_cluster_figures_are_exact() {
+    let dir = tempdir();
+    let topology = Topology::new(3);
+    let _upstreams = topology.start_upstreams(dir.path());
+    let nodes = three_nodes(&topology, &dir, false);
+    for node in &nodes {
+        node.wait_for_members(&ALL, JOIN_DEADLINE);
+    }
+
+    let Mirrored {
+        sent,
+        stats,
+        recorded,
+    } = mirror_users_through_every_node(&topology, &nodes, 9);
 
     // The cluster view, from any node, is the exact sum of the nodes' own figures.
     for node in &nodes {
@@ -253,6 +287,136 @@ fn users_are_recorded_by_one_node_in_order_and_cluster_figures_are_exact() {
             "every divergence listed once in the cluster view"
         );
     }
+
+    // A divergence from the cluster list opens on any node: the node asked reads it from the
+    // member that recorded it.
+    let (owner_name, events) = recorded
+        .iter()
+        .find(|(name, events)| *name != "node-0" && !events.is_empty())
+        .expect("a member other than node-0 recorded divergences");
+    let (id, _, target) = &events[0];
+    let owner = nodes.iter().find(|n| &n.name == owner_name).unwrap();
+    let direct = owner.api_json(&format!("/api/divergences/{id}"));
+    let relayed = nodes[0].api_json(&format!("/api/divergences/{id}?node={owner_name}"));
+    assert_eq!(
+        relayed, direct,
+        "node-0 relays {owner_name}'s divergence {id}"
+    );
+    assert_eq!(relayed["target"], target.as_str());
+    for path in [
+        format!("/api/divergences/999999?node={owner_name}"),
+        "/api/divergences/1?node=nobody".to_owned(),
+    ] {
+        let url = format!("http://{}{path}", nodes[0].api());
+        let response = topology.client.get(&url).send().expect("GET {url}");
+        assert_eq!(response.status(), 404, "GET {url}");
+    }
+
+    // Each node's /metrics carries its own forwarding figures and the members it sees.
+    for (node, stats) in nodes.iter().zip(&stats) {
+        let url = format!("http://{}/metrics", node.api());
+        let text = topology.client.get(&url).send().unwrap().text().unwrap();
+        for (metric, counter_name) in [
+            ("specter_cluster_forwarded_total", "forwarded"),
+            ("specter_cluster_forward_received_total", "forward_received"),
+        ] {
+            let line = format!("\n{metric} {}\n", counter(stats, counter_name));
+            assert!(
+                text.contains(&line),
+                "{} lacks {line:?}:\n{text}",
+                node.name
+            );
+        }
+        let members: Option<f64> = text
+            .lines()
+            .find_map(|line| line.strip_prefix("specter_cluster_members "))
+            .and_then(|value| value.parse().ok());
+        assert_eq!(members, Some(3.0), "{}:\n{text}", node.name);
+    }
+
+    // `specter verdict --scope cluster` judges the merged figures: every /orders exchange
+    // diverged, on whichever node, so the shadow fails (exit 1) on all `sent` of them.
+    let api = format!("http://{}", nodes[1].api());
+    let output = topology
+        .hub
+        .command(SPECTER)
+        .args(["verdict", "--api", &api, "--scope", "cluster"])
+        .args(["--min-samples", "10"])
+        .output()
+        .expect("run specter verdict");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "a failing shadow:\n{stdout}");
+    assert!(
+        stdout.contains("scope: cluster of 3 (node-"),
+        "names the scope:\n{stdout}"
+    );
+    let row = stdout
+        .lines()
+        .find(|line| line.starts_with("GET /orders/{id}"))
+        .unwrap_or_else(|| panic!("no orders row:\n{stdout}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        columns[2..5],
+        [sent.to_string(), "0".to_owned(), sent.to_string()],
+        "mirrored, matched, diverged of every node together:\n{stdout}"
+    );
+
+    // The dashboard in a real terminal, on node-2's API, shows the whole cluster and opens a
+    // divergence recorded by any member.
+    let tmux = Tmux::start(
+        120,
+        40,
+        &format!(
+            "ip netns exec {} '{SPECTER}' tui --api http://{} --scope cluster; sleep 60",
+            topology.hub.name,
+            nodes[2].api()
+        ),
+    );
+    let screen = tmux.wait_for("the cluster dashboard", |s| {
+        s.contains("cluster of 3") && s.contains("[node-")
+    });
+    assert!(
+        !screen.contains("did not answer"),
+        "every member answered:\n{screen}"
+    );
+    assert_eq!(
+        card_value(&screen, "Mirrored"),
+        Some(sent.to_string()),
+        "the cluster's exchanges, not node-2's:\n{screen}"
+    );
+    tmux.keys(&["Tab", "Enter"]);
+    let screen = tmux.wait_for("a divergence of some member", |s| {
+        s.contains("Divergence node-") && s.contains("/total")
+    });
+    assert!(!screen.contains("cannot load"), "{screen}");
+    tmux.keys(&["q"]);
+}
+
+#[test]
+fn attach_mode_nodes_ship_what_they_capture_to_the_owner() {
+    // Each node watches a live service of its own with eBPF; clients talk to those services
+    // directly, Specter is in no one's path. What a node captures for a user it does not own
+    // goes to the owner, which replays and records it, exactly as in proxy mode.
+    let dir = tempdir();
+    let topology = Topology::new(3);
+    let _upstreams = topology.start_upstreams(dir.path());
+    let nodes = three_nodes(&topology, &dir, true);
+    for node in &nodes {
+        node.wait_for_members(&ALL, JOIN_DEADLINE);
+    }
+
+    let Mirrored { sent, stats, .. } = mirror_users_through_every_node(&topology, &nodes, 5);
+    for (node, stats) in nodes.iter().zip(&stats) {
+        assert_eq!(stats["mode"], "attach", "{} captures", node.name);
+        assert_eq!(
+            stats["capture"]["ring_drops"], 0,
+            "{} lost no packet",
+            node.name
+        );
+    }
+    let merged = nodes[0].api_json("/api/stats?scope=cluster");
+    assert_eq!(counter(&merged, "seen"), sent);
+    assert_eq!(counter(&merged, "mirrored"), sent);
 }
 
 #[test]
@@ -260,7 +424,7 @@ fn a_killed_node_is_dropped_its_keys_move_and_it_takes_them_back() {
     let dir = tempdir();
     let topology = Topology::new(3);
     let _upstreams = topology.start_upstreams(dir.path());
-    let mut nodes = three_nodes(&topology, &dir);
+    let mut nodes = three_nodes(&topology, &dir, false);
     for node in &nodes {
         node.wait_for_members(&ALL, JOIN_DEADLINE);
     }
@@ -316,7 +480,7 @@ fn a_partition_heals_and_every_exchange_is_recorded_or_counted() {
     let dir = tempdir();
     let topology = Topology::new(3);
     let _upstreams = topology.start_upstreams(dir.path());
-    let nodes = three_nodes(&topology, &dir);
+    let nodes = three_nodes(&topology, &dir, false);
     for node in &nodes {
         node.wait_for_members(&ALL, JOIN_DEADLINE);
     }
@@ -401,6 +565,7 @@ fn a_node_with_the_wrong_secret_cannot_join() {
                     index,
                     seeds: &[0],
                     secret_file: secret,
+                    attach: false,
                 },
             )
         })

@@ -377,7 +377,10 @@ fn unsafe_methods_are_not_replayed_unless_configured() {
         assert_eq!(answer.status, 200, "{method} reaches the live service");
     }
     assert_eq!(get(&client, &specter.url("/users/1")).status, 200);
-    let stats = specter.wait_for_stats("the GET replayed", |s| counter(s, "mirrored") >= 1);
+    // An exchange reaches the pipeline just after its client has the answer: wait for all four.
+    let stats = specter.wait_for_stats("the GET replayed", |s| {
+        counter(s, "seen") == 4 && counter(s, "mirrored") >= 1
+    });
     assert_eq!(counter(&stats, "seen"), 4, "{stats:#}");
     assert_eq!(counter(&stats, "skipped_unsafe"), 3, "{stats:#}");
     assert_eq!(counter(&stats, "mirrored"), 1, "{stats:#}");
@@ -416,7 +419,9 @@ fn unsafe_methods_are_not_replayed_unless_configured() {
         200
     );
 
-    let stats = specter.wait_for_stats("the POST replayed", |s| counter(s, "mirrored") >= 1);
+    let stats = specter.wait_for_stats("the POST replayed", |s| {
+        counter(s, "seen") == 2 && counter(s, "mirrored") >= 1
+    });
     assert_eq!(counter(&stats, "mirrored"), 1, "{stats:#}");
     assert_eq!(
         counter(&stats, "skipped_unsafe"),

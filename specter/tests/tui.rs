@@ -8,155 +8,13 @@
 
 #[path = "support/harness.rs"]
 mod harness;
-
-use std::{
-    process::{Command, Output},
-    sync::atomic::{AtomicUsize, Ordering},
-    thread,
-    time::{Duration, Instant},
-};
+#[path = "support/tmux.rs"]
+mod tmux;
 
 use tempfile::TempDir;
 
 use harness::{ProxyConfig, SPECTER, Specter, TestServer, client, closed_addr, counter};
-
-/// How long the dashboard may take to show what the test waits for. Generous: the tests share
-/// two cores with the processes they start.
-const SCREEN_DEADLINE: Duration = Duration::from_secs(20);
-const TMUX: &str = "tmux";
-
-static SESSIONS: AtomicUsize = AtomicUsize::new(0);
-
-/// A detached tmux session on a private server, killed on drop.
-struct Tmux {
-    socket: String,
-    session: String,
-}
-
-impl Tmux {
-    /// Runs `shell_command` in a new `width`x`height` session.
-    fn start(width: u16, height: u16, shell_command: &str) -> Self {
-        let n = SESSIONS.fetch_add(1, Ordering::Relaxed);
-        let tmux = Tmux {
-            socket: format!("specter-tui-test-{}-{n}", std::process::id()),
-            session: format!("tui{n}"),
-        };
-        let output = tmux.run(&[
-            "new-session",
-            "-d",
-            "-s",
-            &tmux.session,
-            "-x",
-            &width.to_string(),
-            "-y",
-            &height.to_string(),
-            shell_command,
-        ]);
-        assert!(
-            output.status.success(),
-            "tmux new-session failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        tmux
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(TMUX)
-            // -u: the pane is UTF-8 whatever the test's locale, so box drawing reads back.
-            .args(["-u", "-L", &self.socket])
-            .args(args)
-            .env_remove("TMUX")
-            .env("LC_ALL", "C.UTF-8")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run tmux: {e}"))
-    }
-
-    /// The visible screen, one string per row.
-    fn screen(&self) -> String {
-        let output = self.run(&["capture-pane", "-p", "-t", &self.session]);
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-
-    /// Sends tmux key names (`Enter`, `Tab`, `q`).
-    fn keys(&self, keys: &[&str]) {
-        let mut args = vec!["send-keys", "-t", &self.session];
-        args.extend_from_slice(keys);
-        let output = self.run(&args);
-        assert!(output.status.success(), "tmux send-keys {keys:?} failed");
-    }
-
-    /// Types `text` literally.
-    fn type_text(&self, text: &str) {
-        let output = self.run(&["send-keys", "-t", &self.session, "-l", text]);
-        assert!(output.status.success(), "tmux send-keys -l {text:?} failed");
-    }
-
-    fn resize(&self, width: u16, height: u16) {
-        let output = self.run(&[
-            "resize-window",
-            "-t",
-            &self.session,
-            "-x",
-            &width.to_string(),
-            "-y",
-            &height.to_string(),
-        ]);
-        assert!(
-            output.status.success(),
-            "tmux resize-window failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    /// The process the pane's shell started: the dashboard, while it runs.
-    fn dashboard_pid(&self) -> libc::pid_t {
-        let output = self.run(&["display-message", "-p", "-t", &self.session, "#{pane_pid}"]);
-        let shell: libc::pid_t = String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("tmux gave no pane pid: {e}"));
-        let children: Vec<libc::pid_t> = std::fs::read_dir("/proc")
-            .expect("read /proc")
-            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-            .filter(|pid| parent_of(*pid) == Some(shell))
-            .collect();
-        assert_eq!(
-            children.len(),
-            1,
-            "the pane's shell runs exactly the dashboard"
-        );
-        children[0]
-    }
-
-    /// Polls the screen until `done` holds; panics with the last screen after the deadline.
-    fn wait_for(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
-        let started = Instant::now();
-        loop {
-            let screen = self.screen();
-            if done(&screen) {
-                return screen;
-            }
-            assert!(
-                started.elapsed() < SCREEN_DEADLINE,
-                "timed out after {SCREEN_DEADLINE:?} waiting for {what}; the screen:\n{screen}"
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self.run(&["kill-server"]);
-    }
-}
-
-/// The parent of `pid`, from `/proc/<pid>/stat` (the field after the parenthesised name).
-fn parent_of(pid: libc::pid_t) -> Option<libc::pid_t> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(1)?.parse().ok()
-}
+use tmux::{Tmux, card_value};
 
 /// The dashboard under a shell that reports, once it exits, its exit code and the terminal's
 /// mode flags, then stays open so the test can read them.
@@ -166,17 +24,6 @@ fn tui_command(api: &str) -> String {
          stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo; \
          sleep 60"
     )
-}
-
-/// The value line of the dashboard card titled `title`.
-fn card_value(screen: &str, title: &str) -> Option<String> {
-    let lines: Vec<&str> = screen.lines().collect();
-    lines.iter().enumerate().find_map(|(row, line)| {
-        let byte = line.find(title)?;
-        let column = line[..byte].chars().count();
-        let below: String = lines.get(row + 1)?.chars().skip(column).collect();
-        Some(below.split('│').next().unwrap_or("").trim().to_owned())
-    })
 }
 
 /// The shell's report after the dashboard exited: its exit code and the terminal mode flags.

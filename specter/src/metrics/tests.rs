@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::*;
 use crate::{
+    compare::noise::NoiseSource,
     event::Outcome,
     profile::{MAX_ROUTES, Tally},
 };
@@ -226,6 +227,48 @@ fn exchange_counters_follow_the_profile() {
     assert_eq!(route("GET /users/{id}", "diverged"), 0.0);
     assert_eq!(route("GET /profile", "diverged"), 1.0);
     assert_eq!(route("GET /profile", "shadow_error"), 1.0);
+}
+
+#[test]
+fn noise_and_forwarding_counters_follow_the_profile() {
+    let profile = Profile::new();
+    // A second replay to the shadow that answered with no difference, one to the secondary
+    // that failed, and a live repeat (no extra replay, one comparison).
+    profile.record_noise("GET /noise", NoiseSource::Shadow, Some(&[]));
+    profile.record_noise("GET /noise", NoiseSource::Secondary, None);
+    profile.record_noise("GET /noise", NoiseSource::Live, Some(&[]));
+    let tallies = [
+        (Tally::Forwarded, 5),
+        (Tally::ForwardError, 2),
+        (Tally::ForwardUnconfirmed, 1),
+        (Tally::ForwardReceived, 7),
+    ];
+    for (tally, times) in tallies {
+        for _ in 0..times {
+            profile.tally(tally);
+        }
+    }
+
+    let text = scrape(&profile, None, &[]);
+    let families = parse(&text);
+    let expected = [
+        ("specter_noise_replays", 2.0),
+        ("specter_noise_comparisons", 2.0),
+        ("specter_cluster_forwarded", 5.0),
+        ("specter_cluster_forward_errors", 2.0),
+        ("specter_cluster_forward_unconfirmed", 1.0),
+        ("specter_cluster_forward_received", 7.0),
+    ];
+    for (name, count) in expected {
+        assert_eq!(
+            families[name].kind,
+            OpenMetricsType::Counter,
+            "type of {name}"
+        );
+        assert_eq!(value(&families, name, &[]), count, "{name} in:\n{text}");
+    }
+    // Forwarding is not a result of its own: the mirrored results stay where they were.
+    assert_eq!(value(&families, "specter_exchanges_seen", &[]), 0.0);
 }
 
 #[test]

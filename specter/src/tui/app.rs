@@ -13,8 +13,11 @@ use std::cell::Cell;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
-use super::client::{FieldsReport, Reply, Request, RouteStats, Stats};
-use crate::event::{Event, EventSummary};
+use super::client::{DivergenceRef, FieldsReport, Reply, Request, RouteStats, Stats};
+use crate::{
+    event::{Event, EventSummary},
+    verdict::Scope,
+};
 
 /// Rows a page key moves.
 const PAGE: isize = 10;
@@ -87,7 +90,7 @@ pub enum Load<T> {
 /// The drill-down on one divergence.
 #[derive(Debug)]
 pub struct DivergenceScreen {
-    pub id: u64,
+    pub divergence: DivergenceRef,
     /// Known from the list before the event arrives, so `n` works while loading.
     pub route: String,
     pub event: Load<Box<Event>>,
@@ -186,8 +189,10 @@ pub struct App {
     /// Selections are kept by identity, so new divergences arriving at the top of the list do
     /// not move the highlight off the one the user is looking at.
     selected_route: Option<String>,
-    selected_divergence: Option<u64>,
+    selected_divergence: Option<DivergenceRef>,
     pub screens: Vec<Screen>,
+    /// Whose figures the dashboard shows: the node's, or its whole cluster's.
+    pub scope: Scope,
     quit: bool,
 }
 
@@ -206,8 +211,16 @@ impl App {
             selected_route: None,
             selected_divergence: None,
             screens: Vec::new(),
+            scope: Scope::Local,
             quit: false,
         }
+    }
+
+    /// The dashboard of a whole cluster (or of the node alone).
+    #[must_use]
+    pub fn in_scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
     }
 
     pub fn should_quit(&self) -> bool {
@@ -232,10 +245,10 @@ impl App {
             Reply::Stats(Err(error)) => self.api_failed(error.to_string()),
             Reply::Divergences(Ok(list)) => self.apply_divergences(list),
             Reply::Divergences(Err(error)) => self.list_error = Some(error.to_string()),
-            Reply::Divergence(id, result) => {
+            Reply::Divergence(divergence, result) => {
                 for screen in &mut self.screens {
                     if let Screen::Divergence(screen) = screen
-                        && screen.id == id
+                        && screen.divergence == divergence
                     {
                         screen.event = match &result {
                             Ok(event) => Load::Loaded(event.clone()),
@@ -360,7 +373,8 @@ impl App {
         }
         let found = self
             .selected_divergence
-            .and_then(|id| list.iter().position(|d| d.id == id));
+            .as_ref()
+            .and_then(|selected| list.iter().position(|d| selected.names(d)));
         Some(found.unwrap_or(0))
     }
 
@@ -496,7 +510,7 @@ impl App {
                     return;
                 }
                 let index = step(self.selected_divergence_index(), list.len());
-                self.selected_divergence = Some(list[index].id);
+                self.selected_divergence = Some(DivergenceRef::of(list[index]));
             }
         }
     }
@@ -506,16 +520,16 @@ impl App {
         match self.focus {
             Pane::Divergences => {
                 let summary = self.selected_divergence()?;
-                let (id, route) = (summary.id, summary.route.clone());
-                self.selected_divergence = Some(id);
+                let (divergence, route) = (DivergenceRef::of(summary), summary.route.clone());
+                self.selected_divergence = Some(divergence.clone());
                 self.screens.push(Screen::Divergence(DivergenceScreen {
-                    id,
+                    divergence: divergence.clone(),
                     route,
                     event: Load::Loading,
                     raw: false,
                     scroll: Scroll::default(),
                 }));
-                Some(Request::Divergence(id))
+                Some(Request::Divergence(divergence))
             }
             Pane::Routes => {
                 let route = self.selected_route()?.route.clone();

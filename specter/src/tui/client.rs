@@ -24,7 +24,10 @@ use serde::{Deserialize, de::DeserializeOwned};
 use thiserror::Error;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::event::{Event, EventSummary};
+use crate::{
+    event::{Event, EventSummary},
+    verdict::{NodePart, Scope},
+};
 
 /// How long one API call may take before it counts as a failure.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -117,6 +120,10 @@ pub struct Stats {
     pub routes: Vec<RouteStats>,
     /// Absent (null) in proxy mode.
     pub capture: Option<CaptureStats>,
+    /// `local` or `cluster`; absent from nodes that predate the cluster scope.
+    pub scope: Option<String>,
+    /// The members a cluster-wide answer was read from, and whether each answered.
+    pub nodes: Vec<NodePart>,
 }
 
 /// The `exchanges` counters of `/api/stats`.
@@ -290,11 +297,53 @@ fn scalar(value: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// One divergence: its id, and in a cluster-wide list the node that recorded it (ids are per
+/// node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DivergenceRef {
+    pub id: u64,
+    pub node: Option<String>,
+}
+
+impl DivergenceRef {
+    pub fn of(summary: &EventSummary) -> Self {
+        Self {
+            id: summary.id,
+            node: summary.node.clone(),
+        }
+    }
+
+    /// Whether `summary` is this divergence.
+    pub fn names(&self, summary: &EventSummary) -> bool {
+        summary.id == self.id && summary.node == self.node
+    }
+
+    /// `#42`, or `node-1 #42` in a cluster-wide list.
+    pub fn label(&self) -> String {
+        match &self.node {
+            Some(node) => format!("{node} #{}", self.id),
+            None => format!("#{}", self.id),
+        }
+    }
+
+    /// The admin API path of the full event; a node's event is read through the node asked.
+    fn path(&self) -> String {
+        match &self.node {
+            Some(node) => format!(
+                "/api/divergences/{}?node={}",
+                self.id,
+                form_urlencoded::byte_serialize(node.as_bytes()).collect::<String>()
+            ),
+            None => format!("/api/divergences/{}", self.id),
+        }
+    }
+}
+
 /// What the drawing loop asks the poller for, beyond the periodic refresh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// The full event behind one divergence.
-    Divergence(u64),
+    Divergence(DivergenceRef),
     /// The field classification of one route.
     Fields(String),
 }
@@ -304,7 +353,7 @@ pub enum Request {
 pub enum Reply {
     Stats(Result<Box<Stats>, ClientError>),
     Divergences(Result<Vec<EventSummary>, ClientError>),
-    Divergence(u64, Result<Box<Event>, ClientError>),
+    Divergence(DivergenceRef, Result<Box<Event>, ClientError>),
     Fields(String, Result<FieldsReport, ClientError>),
     /// SIGTERM, SIGHUP or SIGINT arrived: leave as on `q`, so the terminal is restored. (In
     /// raw mode Ctrl+C is a key, not SIGINT; the signal comes from `kill`.)
@@ -320,7 +369,7 @@ pub struct Poller {
 
 impl Poller {
     /// Starts the thread; the first refresh happens at once, the next every `interval`.
-    pub fn spawn(base: ApiBase, interval: Duration) -> std::io::Result<Self> {
+    pub fn spawn(base: ApiBase, scope: Scope, interval: Duration) -> std::io::Result<Self> {
         let (request_tx, request_rx) = unbounded_channel();
         let (reply_tx, reply_rx) = mpsc::channel();
 
@@ -333,7 +382,7 @@ impl Poller {
             .name("specter-tui-poller".to_owned())
             .spawn(move || {
                 let api = Api::new(base);
-                runtime.block_on(poll_loop(&api, interval, request_rx, &reply_tx));
+                runtime.block_on(poll_loop(&api, scope, interval, request_rx, &reply_tx));
             })?;
 
         Ok(Self {
@@ -355,6 +404,7 @@ impl Poller {
 
 async fn poll_loop(
     api: &Api,
+    scope: Scope,
     interval: Duration,
     mut requests: UnboundedReceiver<Request>,
     replies: &mpsc::Sender<Reply>,
@@ -372,9 +422,9 @@ async fn poll_loop(
             () = tokio::time::sleep_until(next_refresh.into()) => None,
         };
         let reply = match asked {
-            Some(Request::Divergence(id)) => {
-                let event = api.get(&format!("/api/divergences/{id}")).await;
-                Reply::Divergence(id, event.map(Box::new))
+            Some(Request::Divergence(divergence)) => {
+                let event = api.get(&divergence.path()).await;
+                Reply::Divergence(divergence, event.map(Box::new))
             }
             Some(Request::Fields(route)) => {
                 let path = format!("/api/routes/{}/fields", encode_segment(&route));
@@ -388,11 +438,15 @@ async fn poll_loop(
             }
             None => {
                 next_refresh = Instant::now() + interval;
-                let stats = api.get("/api/stats").await.map(Box::new);
+                let path = format!("/api/stats?scope={}", scope.as_str());
+                let stats = api.get(&path).await.map(Box::new);
                 if replies.send(Reply::Stats(stats)).is_err() {
                     return;
                 }
-                let path = format!("/api/divergences?limit={DIVERGENCE_LIMIT}");
+                let path = format!(
+                    "/api/divergences?limit={DIVERGENCE_LIMIT}&scope={}",
+                    scope.as_str()
+                );
                 let list = api.get::<DivergenceList>(&path).await;
                 Reply::Divergences(list.map(|l| l.divergences))
             }

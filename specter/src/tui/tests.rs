@@ -7,10 +7,20 @@ use serde_json::json;
 
 use super::{
     app::{App, Connection, Input, Pane, Screen},
-    client::{ApiBase, ClientError, FieldsReport, Reply, Request, Stats, encode_segment},
+    client::{
+        ApiBase, ClientError, DivergenceRef, FieldsReport, Reply, Request, Stats, encode_segment,
+    },
     ui,
 };
-use crate::event::{Event, EventSummary};
+use crate::{
+    event::{Event, EventSummary},
+    verdict::Scope,
+};
+
+/// A divergence of the node asked, as local lists name it.
+fn local(id: u64) -> DivergenceRef {
+    DivergenceRef { id, node: None }
+}
 
 /// Stats as a proxy-mode node serves them: three routes, one divergent order.
 fn stats_json() -> serde_json::Value {
@@ -257,16 +267,91 @@ fn keys_move_the_selection_and_tab_switches_panes() {
 }
 
 #[test]
+fn the_cluster_scope_names_members_and_asks_each_divergence_of_its_node() {
+    let mut stats = stats_json();
+    stats["scope"] = json!("cluster");
+    stats["nodes"] = json!([
+        {"name": "node-a", "api": "10.0.0.1:9090", "ok": true},
+        {"name": "node-b", "api": "10.0.0.2:9090", "ok": true},
+        {"name": "node-c", "api": "10.0.0.3:9090", "ok": false,
+         "error": "no answer within 2s"}
+    ]);
+    // Ids are per node: two members may both have a #41.
+    let mut list = summaries();
+    for summary in &mut list {
+        summary.node = Some("node-a".to_owned());
+    }
+    let mut other = list[1].clone();
+    other.node = Some("node-b".to_owned());
+    other.target = "/profile?from=b".to_owned();
+    list.insert(1, other);
+
+    let mut app = App::new("http://127.0.0.1:9090").in_scope(Scope::Cluster);
+    let stats: Stats = serde_json::from_value(stats).expect("stats JSON reads");
+    app.update(Input::Reply(Reply::Stats(Ok(Box::new(stats)))));
+    app.update(Input::Reply(Reply::Divergences(Ok(list))));
+
+    let text = screen_text(&app, 120, 30);
+    assert!(text.contains("cluster of 3"), "{text}");
+    assert!(
+        text.contains("leave out members that did not answer: node-c (no answer within 2s)"),
+        "{text}"
+    );
+    assert!(text.contains("[node-b] GET /profile?from=b"), "{text}");
+    assert!(
+        text.contains(ui::CAPTURE_PER_NODE),
+        "capture figures are per node:\n{text}"
+    );
+
+    press(&mut app, KeyCode::Tab);
+    press(&mut app, KeyCode::Down);
+    press(&mut app, KeyCode::Down);
+    let request = press(&mut app, KeyCode::Enter);
+    let node_a_41 = DivergenceRef {
+        id: 41,
+        node: Some("node-a".to_owned()),
+    };
+    assert_eq!(request, Some(Request::Divergence(node_a_41.clone())));
+    assert!(screen_text(&app, 80, 24).contains("loading divergence node-a #41"));
+
+    // node-b's #41 answering does not fill node-a's screen; node-a's does.
+    let node_b_41 = DivergenceRef {
+        id: 41,
+        node: Some("node-b".to_owned()),
+    };
+    app.update(Input::Reply(Reply::Divergence(
+        node_b_41,
+        Ok(Box::new(profile_event())),
+    )));
+    assert!(screen_text(&app, 80, 24).contains("loading divergence node-a #41"));
+    app.update(Input::Reply(Reply::Divergence(
+        node_a_41,
+        Ok(Box::new(profile_event())),
+    )));
+    let text = screen_text(&app, 120, 40);
+    assert!(text.contains("Divergence node-a #41"), "{text}");
+    assert!(text.contains("/beta_features"), "{text}");
+
+    // The noise view says whose field table it shows.
+    press(&mut app, KeyCode::Char('n'));
+    let text = screen_text(&app, 120, 40);
+    assert!(
+        text.contains("Noise · GET /profile · as node-a learned it"),
+        "{text}"
+    );
+}
+
+#[test]
 fn enter_opens_the_drill_down_with_paths_and_both_values_and_esc_returns() {
     let mut app = loaded_app();
     press(&mut app, KeyCode::Tab);
     press(&mut app, KeyCode::Char('j'));
     let request = press(&mut app, KeyCode::Enter);
-    assert_eq!(request, Some(Request::Divergence(41)));
+    assert_eq!(request, Some(Request::Divergence(local(41))));
     assert!(screen_text(&app, 80, 24).contains("loading divergence #41"));
 
     app.update(Input::Reply(Reply::Divergence(
-        41,
+        local(41),
         Ok(Box::new(profile_event())),
     )));
     for (width, height) in [(80, 24), (120, 40)] {
@@ -321,7 +406,10 @@ fn long_values_wrap_and_scroll() {
         {"kind": "body", "path": "/note", "op": "changed", "live": long, "shadow": "short"}
     ]))
     .expect("differences read");
-    app.update(Input::Reply(Reply::Divergence(42, Ok(Box::new(event)))));
+    app.update(Input::Reply(Reply::Divergence(
+        local(42),
+        Ok(Box::new(event)),
+    )));
 
     let text = screen_text(&app, 120, 40);
     assert!(
@@ -639,7 +727,10 @@ fn drill_down_marks_differences_on_noise_fields() {
          "severity": "value", "noise": true}
     ]))
     .expect("differences read");
-    app.update(Input::Reply(Reply::Divergence(42, Ok(Box::new(event)))));
+    app.update(Input::Reply(Reply::Divergence(
+        local(42),
+        Ok(Box::new(event)),
+    )));
 
     for (width, height) in [(80, 24), (120, 40)] {
         let text = screen_text(&app, width, height);

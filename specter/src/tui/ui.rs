@@ -16,10 +16,15 @@ use super::{
     app::{App, Connection, DivergenceScreen, Load, NoiseScreen, NoiseState, Pane, Screen},
     client::{FieldsReport, RouteStats, Stats},
 };
-use crate::event::{DiffKind, Difference, Event, Outcome, StoredResponse};
+use crate::{
+    event::{DiffKind, Difference, Event, Outcome, StoredResponse},
+    verdict::Scope,
+};
 
 /// What the capture card says where there is no capture to lose packets.
 pub const NO_CAPTURE: &str = "n/a in proxy mode";
+/// What the capture card says in the cluster scope: capture figures are not merged.
+pub const CAPTURE_PER_NODE: &str = "per node: --scope local";
 /// What the noise view says when the node has no field classification endpoint.
 pub const NOISE_NOT_AVAILABLE: &str = "noise view: not available from this node yet";
 
@@ -28,7 +33,8 @@ const DIM: Style = Style::new().fg(Color::DarkGray);
 
 /// Paints the whole screen.
 pub fn draw(frame: &mut Frame, app: &App) {
-    let banner_height = u16::from(app.connection != Connection::Connected);
+    let banner_height =
+        u16::from(app.connection != Connection::Connected || missing_members(app).is_some());
     let [header, banner, body, help] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(banner_height),
@@ -42,7 +48,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
     match app.screens.last() {
         None => draw_dashboard(frame, body, app),
         Some(Screen::Divergence(screen)) => draw_divergence(frame, body, screen),
-        Some(Screen::Noise(screen)) => draw_noise(frame, body, screen),
+        Some(Screen::Noise(screen)) => draw_noise(frame, body, screen, app),
     }
     draw_help(frame, help, app);
 }
@@ -51,9 +57,12 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App) {
     let mut spans = vec![Span::styled(" Specter ", Style::new().bold().reversed())];
     if let Some(stats) = &app.stats {
         let latency = &stats.latency;
+        let who = match app.scope {
+            Scope::Cluster => format!("cluster of {}", stats.nodes.len()),
+            Scope::Local => stats.node.clone(),
+        };
         spans.push(Span::raw(format!(
-            " {} · {} mode · up {} · p50 live {:.1} ms / shadow {:.1} ms",
-            stats.node,
+            " {who} · {} mode · up {} · p50 live {:.1} ms / shadow {:.1} ms",
             stats.mode,
             uptime(stats.uptime_s),
             latency.live.p50_ms,
@@ -64,9 +73,33 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App) {
     frame.render_widget(Line::from(spans), area);
 }
 
+/// In the cluster scope, the members whose figures could not be read (and so are left out of
+/// every total on screen), as a banner line.
+fn missing_members(app: &App) -> Option<String> {
+    let stats = app.stats.as_ref()?;
+    let missing: Vec<String> = stats
+        .nodes
+        .iter()
+        .filter(|node| !node.ok)
+        .map(|node| match &node.error {
+            Some(error) => format!("{} ({error})", node.name),
+            None => node.name.clone(),
+        })
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            " Figures leave out members that did not answer: {}",
+            missing.join(", ")
+        )
+    })
+}
+
 fn draw_banner(frame: &mut Frame, area: Rect, app: &App) {
     let (text, style) = match &app.connection {
-        Connection::Connected => return,
+        Connection::Connected => match missing_members(app) {
+            Some(text) => (text, Style::new().fg(Color::Black).bg(Color::Yellow)),
+            None => return,
+        },
         Connection::Connecting => (
             format!(" Connecting to the admin API at {} ...", app.api),
             Style::new().fg(Color::Black).bg(Color::Yellow),
@@ -113,13 +146,13 @@ fn draw_dashboard(frame: &mut Frame, area: Rect, app: &App) {
         Constraint::Fill(1),
     ])
     .areas(area);
-    draw_cards(frame, cards, app.stats.as_ref());
+    draw_cards(frame, cards, app.stats.as_ref(), app.scope);
     draw_routes(frame, routes, app);
     draw_divergences(frame, divergences, app);
 }
 
 /// The headline figures, one bordered card each.
-fn draw_cards(frame: &mut Frame, area: Rect, stats: Option<&Stats>) {
+fn draw_cards(frame: &mut Frame, area: Rect, stats: Option<&Stats>, scope: Scope) {
     let areas: [Rect; 5] = Layout::horizontal([
         Constraint::Fill(3),
         Constraint::Fill(3),
@@ -145,6 +178,7 @@ fn draw_cards(frame: &mut Frame, area: Rect, stats: Option<&Stats>) {
             let e = &stats.exchanges;
             let compared = e.matched + e.diverged;
             let (loss, loss_detail) = match &stats.capture {
+                None if scope == Scope::Cluster => (CAPTURE_PER_NODE.to_owned(), String::new()),
                 None => (NO_CAPTURE.to_owned(), String::new()),
                 Some(c) => (
                     format!("ring drops {}", c.ring_drops),
@@ -307,10 +341,14 @@ fn draw_divergences(frame: &mut Frame, area: Rect, app: &App) {
             Some(error) if d.paths.is_empty() => error.clone(),
             _ => d.paths.join(", "),
         };
+        let request = match &d.node {
+            Some(node) => format!("[{node}] {} {}", d.method, d.target),
+            None => format!("{} {}", d.method, d.target),
+        };
         Row::new(vec![
             Line::raw(clock(d.time_ms)),
             Line::from(outcome),
-            Line::raw(format!("{} {}", d.method, d.target)),
+            Line::raw(request),
             Line::raw(status),
             Line::raw(fields),
         ])
@@ -347,12 +385,15 @@ fn draw_divergence(frame: &mut Frame, area: Rect, screen: &DivergenceScreen) {
     let event = match &screen.event {
         Load::Loaded(event) => event,
         Load::Loading => {
-            let text = format!("loading divergence #{} ...", screen.id);
+            let text = format!("loading divergence {} ...", screen.divergence.label());
             frame.render_widget(Paragraph::new(text).block(Block::bordered()), area);
             return;
         }
         Load::Failed(error) => {
-            let text = format!("cannot load divergence #{}: {error}", screen.id);
+            let text = format!(
+                "cannot load divergence {}: {error}",
+                screen.divergence.label()
+            );
             let paragraph = Paragraph::new(wrap_lines(&text, area.width.saturating_sub(2)))
                 .style(Style::new().fg(Color::Red))
                 .block(Block::bordered());
@@ -365,7 +406,7 @@ fn draw_divergence(frame: &mut Frame, area: Rect, screen: &DivergenceScreen) {
     let summary_height = u16::try_from(summary.len()).unwrap_or(u16::MAX) + 2;
     let [top, rest] =
         Layout::vertical([Constraint::Length(summary_height), Constraint::Fill(1)]).areas(area);
-    let title = format!(" Divergence #{} ", event.id);
+    let title = format!(" Divergence {} ", screen.divergence.label());
     frame.render_widget(
         Paragraph::new(summary).block(Block::bordered().title(title)),
         top,
@@ -587,8 +628,15 @@ fn raw_lines(event: &Event, width: u16) -> Vec<Line<'static>> {
     lines
 }
 
-fn draw_noise(frame: &mut Frame, area: Rect, screen: &NoiseScreen) {
-    let title = format!(" Noise · {} ", screen.route);
+fn draw_noise(frame: &mut Frame, area: Rect, screen: &NoiseScreen, app: &App) {
+    // Limitation: field tables are not merged across members, so in the cluster scope the
+    // view shows the table of the node the dashboard is connected to, and says so.
+    let title = match (app.scope, &app.stats) {
+        (Scope::Cluster, Some(stats)) => {
+            format!(" Noise · {} · as {} learned it ", screen.route, stats.node)
+        }
+        _ => format!(" Noise · {} ", screen.route),
+    };
     let width = area.width.saturating_sub(2);
     let lines: Vec<Line<'static>> = match &screen.report {
         NoiseState::Loading => vec![Line::raw("loading the route's field classification ...")],

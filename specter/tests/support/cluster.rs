@@ -3,6 +3,10 @@
 //! namespace. The hub also runs the live and shadow test servers and is where the test's HTTP
 //! client lives, so every node, and nothing outside the namespaces, is reachable from it.
 //! Needs root. Every namespace (and with it every interface) is removed on drop.
+//!
+//! A node is `specter proxy` in front of the hub's live server, or (with [`NodeSpec::attach`])
+//! a live test server of its own with `specter attach` on the node's end of its veth, as on a
+//! host where Specter watches a service it does not sit in front of.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -128,7 +132,7 @@ impl Topology {
     }
 }
 
-/// One `specter proxy` cluster node, started in its namespace.
+/// One Specter cluster node, started in its namespace.
 pub struct Node {
     pub index: usize,
     pub name: String,
@@ -137,6 +141,8 @@ pub struct Node {
     ns_name: String,
     client: Client,
     child: Option<ChildGuard>,
+    /// Attach mode: the node's own live service, watched by Specter.
+    attach: Option<ChildGuard>,
 }
 
 /// How to configure a node.
@@ -145,6 +151,8 @@ pub struct NodeSpec<'a> {
     /// Indexes of the nodes it joins through.
     pub seeds: &'a [usize],
     pub secret_file: &'a Path,
+    /// Run `specter attach` beside a live service of the node's own instead of a proxy.
+    pub attach: bool,
 }
 
 impl Node {
@@ -158,9 +166,16 @@ impl Node {
             .iter()
             .map(|s| format!("\"{}:{GOSSIP_PORT}\"", node_ip(*s)))
             .collect();
+        // In attach mode the node's own live server is at {ip}:{LIVE_PORT}, the captured port.
+        let (live, capture) = if spec.attach {
+            (ip, format!("capture:\n  ports: [{LIVE_PORT}]\n"))
+        } else {
+            (HUB_IP, String::new())
+        };
         let yaml = format!(
-            "specter:\n  listen: {ip}:{PROXY_PORT}\n  live_target: http://{HUB_IP}:{LIVE_PORT}\n  \
+            "specter:\n  listen: {ip}:{PROXY_PORT}\n  live_target: http://{live}:{LIVE_PORT}\n  \
              shadow_target: http://{HUB_IP}:{SHADOW_PORT}\n  routing_key: X-User-ID\n\
+             {capture}\
              store:\n  path: {store}\n\
              api:\n  listen: {ip}:{API_PORT}\n\
              cluster:\n  node_name: {name}\n  bind_addr: {ip}:{GOSSIP_PORT}\n  peers: [{peers}]\n  \
@@ -179,20 +194,51 @@ impl Node {
             ns_name: topology.nodes[index].name.clone(),
             client: topology.client.clone(),
             child: None,
+            attach: None,
         };
+        if spec.attach {
+            node.attach = Some(node.start_live(dir));
+        }
         node.launch();
         node
     }
 
+    /// Attach mode: the node's live test server, answering before Specter starts.
+    fn start_live(&self, dir: &Path) -> ChildGuard {
+        let ip = node_ip(self.index);
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.ns_name, SPECTER, "testserver"]);
+        command.args(["--mode", "live", "--bind", &ip.to_string()]);
+        command.args(["--port", &LIVE_PORT.to_string()]);
+        let log = dir.join(format!("{}-live.log", self.name));
+        let server = ChildGuard::spawn(&format!("{} live", self.name), command, &log);
+        let url = format!("http://{ip}:{LIVE_PORT}/whoami");
+        wait_until(&format!("{}'s live server", self.name), STARTUP, || {
+            // Not kept alive: the test's requests must open their connections once capture runs.
+            self.client
+                .get(&url)
+                .header("Connection", "close")
+                .send()
+                .ok()
+                .filter(|r| r.status() == 200)
+        });
+        server
+    }
+
     fn launch(&mut self) {
         let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &self.ns_name, SPECTER, "proxy", "--config"])
-            .arg(&self.config)
-            .env(
-                "RUST_LOG",
-                "info,memberlist=warn,memberlist_core=warn,memberlist_net=warn",
-            );
+        command.args(["netns", "exec", &self.ns_name, SPECTER]);
+        if self.attach.is_some() {
+            // The node's veth end (named like its namespace) carries its live service's traffic. No fallback: a node that
+            // cannot attach must fail the test, not quietly become a proxy.
+            command.args(["attach", "--iface", &self.ns_name, "--no-fallback"]);
+        } else {
+            command.arg("proxy");
+        }
+        command.arg("--config").arg(&self.config).env(
+            "RUST_LOG",
+            "info,memberlist=warn,memberlist_core=warn,memberlist_net=warn",
+        );
         self.child = Some(ChildGuard::spawn(&self.name, command, &self.log));
         let health = format!("http://{}/healthz", self.api());
         let started = Instant::now();
@@ -228,9 +274,15 @@ impl Node {
         SocketAddr::new(IpAddr::V4(node_ip(self.index)), API_PORT)
     }
 
-    /// A URL on the node's proxy port.
+    /// Where a client sends a request through this node: its proxy port, or in attach mode its
+    /// live service directly.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}:{PROXY_PORT}{path}", node_ip(self.index))
+        let port = if self.attach.is_some() {
+            LIVE_PORT
+        } else {
+            PROXY_PORT
+        };
+        format!("http://{}:{port}{path}", node_ip(self.index))
     }
 
     /// Kills the process with SIGKILL, as a crash would.

@@ -119,7 +119,7 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
             if let Some(id) = path.strip_prefix("/api/divergences/") {
                 divergence(state, id, &query).await
             } else if let Some(rest) = path.strip_prefix("/api/routes/") {
-                route_detail(state, rest)
+                route_detail(state, rest, &query).await
             } else {
                 error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}"))
             }
@@ -230,8 +230,7 @@ async fn stats(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
 /// cluster's (`scope=cluster`), merged from every live member's admin API.
 ///
 /// Limitation: a member that does not answer within the read timeout is left out of the totals
-/// (listed in `nodes` with `ok: false`), and field tables are not merged: they stay on the
-/// member that learned them.
+/// (listed in `nodes` with `ok: false`).
 struct Scoped {
     /// The merged profile, for the cluster scope.
     merged: Option<Profile>,
@@ -466,7 +465,7 @@ fn analysis_summary(profile: &Profile) -> serde_json::Value {
 }
 
 /// `GET /api/routes`: every route with all its figures. In the cluster scope the counters,
-/// statuses and latencies are merged; field tables stay on the node that learned them.
+/// statuses, latencies and field tables are those of every member added up.
 async fn routes(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
     let scoped = match Scoped::read(state, query).await {
         Ok(scoped) => scoped,
@@ -479,7 +478,7 @@ async fn routes(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
 
 /// `GET /api/routes/{route}` and `GET /api/routes/{route}/fields`, the route percent-encoded
 /// as one path segment (`GET%20%2Fusers%2F%7Bid%7D`).
-fn route_detail(state: &ApiState, rest: &str) -> Response<Full<Bytes>> {
+async fn route_detail(state: &ApiState, rest: &str, query: &Query) -> Response<Full<Bytes>> {
     let (encoded, fields) = match rest.strip_suffix("/fields") {
         Some(encoded) => (encoded, true),
         None => (rest, false),
@@ -496,17 +495,24 @@ fn route_detail(state: &ApiState, rest: &str) -> Response<Full<Bytes>> {
             &format!("no route {route:?}; GET /api/routes lists them"),
         )
     };
-    if fields {
-        match state.profile.route_fields(&route) {
-            Some(report) => json_response(StatusCode::OK, &report),
-            None => not_found(),
+    let scoped = match Scoped::read(state, query).await {
+        Ok(scoped) => scoped,
+        Err(response) => return response,
+    };
+    let profile = scoped.profile(state);
+    let mut body = if fields {
+        match profile.route_fields(&route) {
+            Some(report) => json!(report),
+            None => return not_found(),
         }
     } else {
-        match state.profile.route_report(&route) {
-            Some(report) => json_response(StatusCode::OK, &report),
-            None => not_found(),
+        match profile.route_report(&route) {
+            Some(report) => json!(report),
+            None => return not_found(),
         }
-    }
+    };
+    scoped.annotate(&mut body);
+    json_response(StatusCode::OK, &body)
 }
 
 /// `GET /api/verdict`: the verdict with the criteria in the query, defaults from the config.

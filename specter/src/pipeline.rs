@@ -598,7 +598,13 @@ fn run_recorder(store: Arc<dyn Store>, profile: Arc<Profile>, records: std_mpsc:
 
         if flush {
             let counters = profile.counters();
-            match store.commit(&batch, &profile.snapshot()) {
+            // The last commit before stopping saves the field tables as they are now.
+            let snapshot = if stop {
+                profile.snapshot()
+            } else {
+                profile.snapshot_for_store()
+            };
+            match store.commit(&batch, &snapshot) {
                 Ok(()) => saved = counters,
                 Err(error) => {
                     for _ in 0..batch.len() {

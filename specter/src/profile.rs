@@ -3,8 +3,8 @@
 //!
 //! The pipeline updates the profile for every exchange it sees; the API reads snapshots of it;
 //! the store persists snapshots so the figures survive a restart. Every counter is kept per
-//! route ([`route`] names them). The field tables ([`fields`]) are kept in memory only: after
-//! a restart noise is learned again (see `docs/analysis.md`).
+//! route ([`route`] names them). The field tables ([`fields`]) are part of the snapshot too, so
+//! what noise learning found survives a restart, and cluster-wide figures merge them.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -18,6 +18,7 @@ use hdrhistogram::{
     serialization::{Deserializer, Serializer as _, V2Serializer},
 };
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use thiserror::Error;
 
 use crate::{
@@ -225,8 +226,6 @@ struct State {
     counters: Counters,
     routes: BTreeMap<String, RouteCounters>,
     details: HashMap<String, RouteDetail>,
-    // Limitation: the field tables are not part of the snapshot, so after a restart noise is
-    // learned again from the start; see docs/analysis.md.
     analysis: HashMap<String, RouteAnalysis>,
     /// Fields tracked over all routes.
     fields_total: usize,
@@ -256,6 +255,8 @@ pub struct Mirrored<'a> {
 /// The profile, shared by the pipeline stages and the API.
 pub struct Profile {
     state: Mutex<State>,
+    /// For [`Profile::snapshot_for_store`].
+    fields_saved: Mutex<Option<FieldsSaved>>,
     started: Instant,
 }
 
@@ -379,9 +380,14 @@ pub struct Buckets {
     pub sum_seconds: f64,
 }
 
-/// The persisted form of the profile.
+/// How long the store's snapshots may reuse one serialisation of the field tables (see
+/// [`Profile::snapshot_for_store`]).
+const FIELDS_SAVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The persisted form of the profile. `F` is the field tables: read as tables, written as the
+/// JSON text of a serialisation that may be reused.
 #[derive(Serialize, Deserialize)]
-struct Snapshot {
+struct Snapshot<F> {
     counters: Counters,
     routes: BTreeMap<String, RouteCounters>,
     /// HDR V2 serialisation, base64.
@@ -389,6 +395,18 @@ struct Snapshot {
     shadow_latency: String,
     #[serde(default)]
     route_details: BTreeMap<String, DetailSnapshot>,
+    /// The field tables, by route; absent from snapshots older than them.
+    #[serde(default)]
+    fields: F,
+}
+
+/// The field tables as read from a snapshot.
+type FieldTables = BTreeMap<String, fields::TableSnapshot>;
+
+/// The last serialisation of the field tables, and when it was made.
+struct FieldsSaved {
+    at: Instant,
+    json: Box<RawValue>,
 }
 
 /// The persisted form of a [`RouteDetail`].
@@ -421,13 +439,14 @@ impl Profile {
                 live_latency: new_histogram(),
                 shadow_latency: new_histogram(),
             }),
+            fields_saved: Mutex::new(None),
             started: Instant::now(),
         }
     }
 
     /// Restores a profile from a snapshot made by [`Profile::snapshot`].
     pub fn restore(bytes: &[u8]) -> Result<Self, ProfileError> {
-        let snapshot: Snapshot = serde_json::from_slice(bytes)?;
+        let snapshot: Snapshot<FieldTables> = serde_json::from_slice(bytes)?;
         let profile = Self::new();
         {
             let mut state = profile.lock();
@@ -448,6 +467,14 @@ impl Profile {
                 };
                 state.details.insert(route, restored);
             }
+            for (route, table) in snapshot.fields {
+                state.analysis.insert(route, RouteAnalysis::restore(table));
+            }
+            state.fields_total = state
+                .analysis
+                .values()
+                .map(RouteAnalysis::field_count)
+                .sum();
         }
         Ok(profile)
     }
@@ -479,7 +506,8 @@ impl Profile {
 
     /// Adds another node's snapshot (made by [`Profile::snapshot`]) to this profile, for
     /// cluster-wide figures: counters and per-route figures summed, latency histograms merged
-    /// bucket by bucket, so the percentiles are those of all the nodes' latencies together.
+    /// bucket by bucket, so the percentiles are those of all the nodes' latencies together,
+    /// and field tables added field by field, so each field is judged on all the evidence.
     pub fn merge_snapshot(&self, bytes: &[u8]) -> Result<(), ProfileError> {
         let other = Self::restore(bytes)?;
         let other = other
@@ -496,15 +524,66 @@ impl Profile {
         for (route, detail) in other.details {
             state.details.entry(route).or_default().merge(detail);
         }
+        // Field counts add up like the other counters. The example event ids stay those of
+        // this profile: another node's ids name events in its own store.
+        for (route, mut table) in other.analysis {
+            table.forget_examples();
+            state.analysis.entry(route).or_default().merge(table);
+        }
+        state.fields_total = state
+            .analysis
+            .values()
+            .map(RouteAnalysis::field_count)
+            .sum();
         // Every profile's histograms have the same bounds, so adding cannot fail.
         let _ = state.live_latency.add(&other.live_latency);
         let _ = state.shadow_latency.add(&other.shadow_latency);
         Ok(())
     }
 
-    /// Serialises the profile for the store.
+    /// Serialises the whole profile as it is now: for another member's cluster-wide figures,
+    /// and for the last save before shutdown.
     pub fn snapshot(&self) -> Vec<u8> {
         let state = self.lock();
+        let fields = serialise_tables(&state);
+        let bytes = Self::encode(&state, &fields);
+        drop(state);
+        *self.fields_saved_lock() = Some(FieldsSaved {
+            at: Instant::now(),
+            json: fields,
+        });
+        bytes
+    }
+
+    /// Serialises the profile for a store commit. Counters, route figures and histograms are
+    /// those of now, so they match the events committed with them; the field tables may be
+    /// those of up to [`FIELDS_SAVE_INTERVAL`] ago, because at their cap (about 100 000 fields)
+    /// serialising them costs some 60 times the rest (see `specter/benches/snapshot.rs`).
+    ///
+    /// Limitation: a crash loses up to that much field learning; a clean stop saves it all.
+    pub fn snapshot_for_store(&self) -> Vec<u8> {
+        let state = self.lock();
+        let mut saved = self.fields_saved_lock();
+        if saved
+            .as_ref()
+            .is_none_or(|saved| saved.at.elapsed() >= FIELDS_SAVE_INTERVAL)
+        {
+            *saved = Some(FieldsSaved {
+                at: Instant::now(),
+                json: serialise_tables(&state),
+            });
+        }
+        let fields = &saved.as_ref().expect("just filled").json;
+        Self::encode(&state, fields)
+    }
+
+    fn fields_saved_lock(&self) -> std::sync::MutexGuard<'_, Option<FieldsSaved>> {
+        self.fields_saved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn encode(state: &State, fields: &RawValue) -> Vec<u8> {
         let snapshot = Snapshot {
             counters: state.counters,
             routes: state.routes.clone(),
@@ -527,6 +606,7 @@ impl Profile {
                     (route.clone(), snapshot)
                 })
                 .collect(),
+            fields,
         };
         serde_json::to_vec(&snapshot).expect("profile snapshot serialises")
     }
@@ -1135,6 +1215,16 @@ fn fold(hist: &Histogram<u64>, bounds: &[f64]) -> Buckets {
         count,
         sum_seconds: hist.mean() * count as f64 / 1e6,
     }
+}
+
+/// The field tables as JSON text, for a snapshot.
+fn serialise_tables(state: &State) -> Box<RawValue> {
+    let tables: FieldTables = state
+        .analysis
+        .iter()
+        .map(|(route, table)| (route.clone(), table.snapshot()))
+        .collect();
+    serde_json::value::to_raw_value(&tables).expect("field tables serialise")
 }
 
 fn encode_histogram<T: hdrhistogram::Counter>(hist: &Histogram<T>) -> String {

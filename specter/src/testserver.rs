@@ -536,11 +536,11 @@ fn rfc3339(time: SystemTime) -> String {
     let (year, month, day) = civil_date(i64::try_from(secs / 86_400).unwrap_or(i64::MAX));
     let of_day = secs % 86_400;
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
         of_day / 3600,
         of_day % 3600 / 60,
         of_day % 60,
-        since_epoch.subsec_millis()
+        since_epoch.subsec_micros()
     )
 }
 

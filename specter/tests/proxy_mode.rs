@@ -552,9 +552,22 @@ fn counters_and_events_survive_restart() {
     let before = specter.stats();
     let id = divergences[0]["id"].clone();
     let kept_event = event(&specter, &id);
+    let fields_path = "/api/routes/GET%20%2Forders%2F%7Bid%7D/fields";
+    let fields_before = specter.api_json(fields_path);
+    assert!(
+        fields_before["compared"].as_u64() >= Some(10),
+        "{fields_before:#}"
+    );
 
     specter.stop();
     specter.restart();
+
+    // What noise learning counted is kept too (SIGTERM saves the field tables as they are).
+    assert_eq!(
+        specter.api_json(fields_path),
+        fields_before,
+        "field tables after a restart"
+    );
 
     let after = specter.stats();
     assert_eq!(

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     compare::noise::{self, Classification, Evidence, Judgement, NoiseRule, NoiseSource},
@@ -80,6 +80,28 @@ pub(super) struct RouteAnalysis {
     /// Differences on fields the table had no room for. They always count.
     pub(super) untracked: u64,
     fields: HashMap<FieldKey, FieldStats>,
+}
+
+/// The persisted form of a [`RouteAnalysis`], part of the profile snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct TableSnapshot {
+    compared: u64,
+    noise_trials: [u64; 3],
+    untracked: u64,
+    fields: Vec<FieldSnapshot>,
+}
+
+/// The persisted form of one field's counts.
+#[derive(Debug, Serialize, Deserialize)]
+struct FieldSnapshot {
+    kind: DiffKind,
+    path: String,
+    severity: Option<Severity>,
+    differed: u64,
+    noise_differed: [u64; 3],
+    #[serde(default)]
+    examples: Vec<u64>,
+    example_path: String,
 }
 
 /// Limits on how many fields are tracked.
@@ -264,6 +286,70 @@ impl RouteAnalysis {
 
     pub(super) fn field_count(&self) -> usize {
         self.fields.len()
+    }
+
+    /// The table in its persisted form, fields in a stable order.
+    pub(super) fn snapshot(&self) -> TableSnapshot {
+        let mut fields: Vec<FieldSnapshot> = self
+            .fields
+            .iter()
+            .map(|(key, field)| FieldSnapshot {
+                kind: key.kind,
+                path: key.path.clone(),
+                severity: field.severity,
+                differed: field.differed,
+                noise_differed: field.noise_differed,
+                examples: field.examples.clone(),
+                example_path: field.example_path.clone(),
+            })
+            .collect();
+        fields.sort_by(|a, b| (a.kind as u8, &a.path).cmp(&(b.kind as u8, &b.path)));
+        TableSnapshot {
+            compared: self.compared,
+            noise_trials: self.noise_trials,
+            untracked: self.untracked,
+            fields,
+        }
+    }
+
+    /// A table from its persisted form. The snapshot was taken under the field budget, so it
+    /// holds no more fields than the budget allowed then.
+    pub(super) fn restore(snapshot: TableSnapshot) -> Self {
+        let fields = snapshot
+            .fields
+            .into_iter()
+            .map(|field| {
+                let key = FieldKey {
+                    kind: field.kind,
+                    path: field.path,
+                };
+                let mut examples = field.examples;
+                let excess = examples.len().saturating_sub(EXAMPLES_PER_FIELD);
+                examples.drain(..excess);
+                let stats = FieldStats {
+                    severity: field.severity,
+                    differed: field.differed,
+                    noise_differed: field.noise_differed,
+                    examples,
+                    example_path: field.example_path,
+                };
+                (key, stats)
+            })
+            .collect();
+        Self {
+            compared: snapshot.compared,
+            noise_trials: snapshot.noise_trials,
+            untracked: snapshot.untracked,
+            fields,
+        }
+    }
+
+    /// Drops the example event ids: they name events in one node's store, and mean nothing
+    /// once the table is added to another node's.
+    pub(super) fn forget_examples(&mut self) {
+        for field in self.fields.values_mut() {
+            field.examples.clear();
+        }
     }
 
     /// Adds `other`'s counts to these, for two routes that became one.

@@ -253,6 +253,96 @@ fn noise_fields_stop_counting_once_classified_and_the_real_one_keeps_counting() 
     assert_eq!((c.matched, c.diverged), (1, 21));
 }
 
+/// A profile with `settings` that has seen `rounds` exchanges on /noise, each differing on
+/// /request_id and /value, with a live repeat differing on /request_id only; event ids start
+/// at `first_id`.
+fn noisy_route(rounds: u64, first_id: u64) -> Profile {
+    let profile = learning_profile();
+    for id in first_id..first_id + rounds {
+        mirror(&profile, "GET /noise", &["/request_id", "/value"], id);
+        profile.record_noise(
+            "GET /noise",
+            NoiseSource::Live,
+            Some(&[body_diff("/request_id")]),
+        );
+    }
+    profile
+}
+
+/// A restored snapshot, configured again as the pipeline does on start.
+fn restarted(profile: &Profile) -> Profile {
+    let restored = Profile::restore(&profile.snapshot()).unwrap();
+    restored.configure(profile.settings(), templates(&[], 100));
+    restored
+}
+
+#[test]
+fn learned_noise_survives_a_restart() {
+    let before = noisy_route(20, 0);
+    let after = restarted(&before);
+    assert_eq!(
+        after.route_fields("GET /noise"),
+        before.route_fields("GET /noise")
+    );
+
+    // The first exchange after the restart is judged on what was learned before it.
+    let (outcome, differences) = mirror(&after, "GET /noise", &["/request_id"], 100);
+    assert_eq!(outcome, Outcome::Matched, "{differences:?}");
+    assert!(differences[0].noise);
+    let fields = after.route_fields("GET /noise").unwrap();
+    let request_id = fields
+        .fields
+        .iter()
+        .find(|f| f.path == "/request_id")
+        .unwrap();
+    assert_eq!(request_id.classification, Classification::Noise);
+    assert_eq!(request_id.differed, 21);
+}
+
+#[test]
+fn merged_field_tables_judge_on_every_nodes_evidence() {
+    // Two nodes with 12 exchanges each: neither has the 20 comparisons a judgement needs.
+    let node_a = noisy_route(12, 0);
+    let node_b = noisy_route(12, 500);
+    for node in [&node_a, &node_b] {
+        let fields = node.route_fields("GET /noise").unwrap();
+        assert!(
+            fields
+                .fields
+                .iter()
+                .all(|f| f.classification == Classification::Pending),
+            "{fields:?}"
+        );
+    }
+
+    let merged = restarted(&node_a);
+    merged.merge_snapshot(&node_b.snapshot()).unwrap();
+    let fields = merged.route_fields("GET /noise").unwrap();
+    let field = |path: &str| fields.fields.iter().find(|f| f.path == path).unwrap();
+    assert_eq!(field("/request_id").classification, Classification::Noise);
+    assert_eq!(field("/value").classification, Classification::Divergence);
+    assert_eq!(field("/value").compared, 24);
+    assert_eq!(field("/value").differed, 24);
+    assert_eq!(field("/request_id").noise.live.samples, 24);
+    // Example ids are node-local: only the merging node's own are kept.
+    assert!(field("/value").examples.iter().all(|id| *id < 500));
+    assert!(!field("/value").examples.is_empty());
+}
+
+#[test]
+fn a_snapshot_without_field_tables_still_restores() {
+    let profile = noisy_route(3, 0);
+    let mut snapshot: serde_json::Value = serde_json::from_slice(&profile.snapshot()).unwrap();
+    snapshot.as_object_mut().unwrap().remove("fields");
+    let restored = Profile::restore(&serde_json::to_vec(&snapshot).unwrap()).unwrap();
+    assert_eq!(restored.counters().mirrored, 3);
+    assert!(
+        restored
+            .route_fields("GET /noise")
+            .is_some_and(|f| f.fields.is_empty())
+    );
+}
+
 #[test]
 fn array_indices_fold_into_one_field() {
     let profile = learning_profile();

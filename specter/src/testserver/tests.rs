@@ -417,8 +417,8 @@ fn civil_date_handles_epoch_leap_days_and_century_rules() {
     assert_eq!(civil_date(19_723), (2024, 1, 1));
     assert_eq!(civil_date(-1), (1969, 12, 31));
     assert_eq!(
-        rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(86_400_250 + 3_723_000)),
-        "1970-01-02T01:02:03.250Z"
+        rfc3339(SystemTime::UNIX_EPOCH + Duration::from_micros(86_400_250_017 + 3_723_000_000)),
+        "1970-01-02T01:02:03.250017Z"
     );
 }
 

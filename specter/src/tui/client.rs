@@ -427,7 +427,11 @@ async fn poll_loop(
                 Reply::Divergence(divergence, event.map(Box::new))
             }
             Some(Request::Fields(route)) => {
-                let path = format!("/api/routes/{}/fields", encode_segment(&route));
+                let path = format!(
+                    "/api/routes/{}/fields?scope={}",
+                    encode_segment(&route),
+                    scope.as_str()
+                );
                 let report = api.get_value(&path).await.and_then(|value| {
                     FieldsReport::from_json(&value).map_err(|reason| ClientError::Decode {
                         url: api.base.url(&path),

@@ -331,14 +331,6 @@ fn the_cluster_scope_names_members_and_asks_each_divergence_of_its_node() {
     let text = screen_text(&app, 120, 40);
     assert!(text.contains("Divergence node-a #41"), "{text}");
     assert!(text.contains("/beta_features"), "{text}");
-
-    // The noise view says whose field table it shows.
-    press(&mut app, KeyCode::Char('n'));
-    let text = screen_text(&app, 120, 40);
-    assert!(
-        text.contains("Noise · GET /profile · as node-a learned it"),
-        "{text}"
-    );
 }
 
 #[test]

@@ -48,7 +48,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
     match app.screens.last() {
         None => draw_dashboard(frame, body, app),
         Some(Screen::Divergence(screen)) => draw_divergence(frame, body, screen),
-        Some(Screen::Noise(screen)) => draw_noise(frame, body, screen, app),
+        Some(Screen::Noise(screen)) => draw_noise(frame, body, screen),
     }
     draw_help(frame, help, app);
 }
@@ -628,15 +628,8 @@ fn raw_lines(event: &Event, width: u16) -> Vec<Line<'static>> {
     lines
 }
 
-fn draw_noise(frame: &mut Frame, area: Rect, screen: &NoiseScreen, app: &App) {
-    // Limitation: field tables are not merged across members, so in the cluster scope the
-    // view shows the table of the node the dashboard is connected to, and says so.
-    let title = match (app.scope, &app.stats) {
-        (Scope::Cluster, Some(stats)) => {
-            format!(" Noise · {} · as {} learned it ", screen.route, stats.node)
-        }
-        _ => format!(" Noise · {} ", screen.route),
-    };
+fn draw_noise(frame: &mut Frame, area: Rect, screen: &NoiseScreen) {
+    let title = format!(" Noise · {} ", screen.route);
     let width = area.width.saturating_sub(2);
     let lines: Vec<Line<'static>> = match &screen.report {
         NoiseState::Loading => vec![Line::raw("loading the route's field classification ...")],

@@ -484,6 +484,20 @@ impl Profile {
     /// keep their names.
     pub fn configure(&self, settings: Settings, templates: RouteTemplates) {
         let mut state = self.lock();
+        // A snapshot built under a higher field cap is brought under this one.
+        let mut trimmed = 0;
+        for table in state.analysis.values_mut() {
+            trimmed += table.trim(settings.max_fields_per_route);
+        }
+        if trimmed > 0 {
+            state.fields_total -= trimmed;
+            tracing::info!(
+                fields = trimmed,
+                max_fields_per_route = settings.max_fields_per_route,
+                "restored field tables were over compare.max_fields_per_route; \
+                 the fields that differed least were let go"
+            );
+        }
         state.settings = settings;
         state.templates = templates;
     }

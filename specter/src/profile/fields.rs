@@ -344,6 +344,36 @@ impl RouteAnalysis {
         }
     }
 
+    /// Keeps at most `per_route` fields, for a table restored under a lower
+    /// `compare.max_fields_per_route` than it was built with: those that differed most between
+    /// live and shadow stay, then those that differed most in noise comparisons. The differences
+    /// on the fields let go count as untracked from then on. Returns how many were let go.
+    pub(super) fn trim(&mut self, per_route: usize) -> usize {
+        let excess = self.fields.len().saturating_sub(per_route);
+        if excess == 0 {
+            return 0;
+        }
+        let mut ranked: Vec<(FieldKey, u64, u64)> = self
+            .fields
+            .iter()
+            .map(|(key, field)| {
+                let noise: u64 = field.noise_differed.iter().sum();
+                (key.clone(), field.differed, noise)
+            })
+            .collect();
+        ranked.sort_by(|a, b| {
+            (a.1, a.2)
+                .cmp(&(b.1, b.2))
+                .then_with(|| (b.0.kind as u8, &b.0.path).cmp(&(a.0.kind as u8, &a.0.path)))
+        });
+        for (key, _, _) in ranked.into_iter().take(excess) {
+            if let Some(field) = self.fields.remove(&key) {
+                self.untracked += field.differed;
+            }
+        }
+        excess
+    }
+
     /// Drops the example event ids: they name events in one node's store, and mean nothing
     /// once the table is added to another node's.
     pub(super) fn forget_examples(&mut self) {

@@ -378,6 +378,39 @@ fn field_tables_are_capped_per_route_and_overflow_still_counts() {
 }
 
 #[test]
+fn a_lowered_field_cap_trims_a_restored_table_to_the_fields_that_differed_most() {
+    let profile = Profile::new();
+    let wide = ["/hot", "/warm", "/c1", "/c2", "/c3", "/c4", "/c5"];
+    mirror(&profile, "GET /wide", &wide, 1);
+    mirror(&profile, "GET /wide", &["/hot", "/warm"], 2);
+    mirror(&profile, "GET /wide", &["/hot"], 3);
+    assert_eq!(profile.route_fields("GET /wide").unwrap().fields.len(), 7);
+
+    let restored = Profile::restore(&profile.snapshot()).unwrap();
+    restored.configure(
+        Settings {
+            max_fields_per_route: 2,
+            ..Settings::default()
+        },
+        templates(&[], 100),
+    );
+    let fields = restored.route_fields("GET /wide").unwrap().fields;
+    let kept: Vec<(&str, u64)> = fields
+        .iter()
+        .map(|f| (f.path.as_str(), f.differed))
+        .collect();
+    assert_eq!(kept, [("/hot", 3), ("/warm", 2)]);
+    let report = restored.route_report("GET /wide").unwrap();
+    assert_eq!(report.fields.untracked_differences, 5);
+
+    // A field let go is not tracked again: its differences keep counting as untracked.
+    mirror(&restored, "GET /wide", &["/c1"], 4);
+    assert_eq!(restored.route_fields("GET /wide").unwrap().fields.len(), 2);
+    let report = restored.route_report("GET /wide").unwrap();
+    assert_eq!(report.fields.untracked_differences, 6);
+}
+
+#[test]
 fn status_matrix_and_noise_replays_are_per_route_and_survive_a_snapshot() {
     let profile = learning_profile();
     profile.record_mirrored(&Mirrored {

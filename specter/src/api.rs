@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::{
-    cluster::{self, Cluster, NodeStatus},
+    cluster::{Cluster, NodeStatus},
     event::{Event, EventSummary, Outcome},
     profile::Profile,
     store::Store,
@@ -172,16 +172,22 @@ async fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
 }
 
 async fn stats(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
-    let scoped = match Scoped::read(state, query).await {
+    let mut scoped = match Scoped::read(state, query).await {
         Ok(scoped) => scoped,
+        Err(response) => return response,
+    };
+    let cluster_scope = scoped.nodes.is_some();
+    let recent = match scoped_recent(state, cluster_scope, RECENT_IN_STATS, None).await {
+        Ok((recent, recent_nodes)) => {
+            // The totals stand; a member whose recent divergences are missing from the list
+            // says so in its `error`.
+            scoped.note_missing_parts(recent_nodes, "recent divergences");
+            recent
+        }
         Err(response) => return response,
     };
     let profile = scoped.profile(state);
     let view = profile.view();
-    let recent = match scoped_recent(state, &scoped, RECENT_IN_STATS, None).await {
-        Ok(recent) => recent,
-        Err(response) => return response,
-    };
     let c = view.counters;
     let mut body = json!({
         "node": state.node,
@@ -240,34 +246,43 @@ struct Scoped {
 
 impl Scoped {
     async fn read(state: &ApiState, query: &Query) -> Result<Self, Response<Full<Bytes>>> {
-        match query.get("scope") {
-            None | Some("local") => Ok(Self {
+        let cluster_scope = scope(query).map_err(|e| error(StatusCode::BAD_REQUEST, &e))?;
+        if !cluster_scope {
+            return Ok(Self {
                 merged: None,
                 nodes: None,
-            }),
-            Some("cluster") => Ok(match &state.cluster {
-                Some(cluster) => {
-                    let (merged, nodes) = cluster.merged_profile().await;
-                    Self {
-                        merged: Some(merged),
-                        nodes: Some(nodes),
-                    }
+            });
+        }
+        Ok(match &state.cluster {
+            Some(cluster) => {
+                let (merged, nodes) = cluster.merged_profile().await;
+                Self {
+                    merged: Some(merged),
+                    nodes: Some(nodes),
                 }
-                // A single node is a cluster of one.
-                None => Self {
-                    merged: None,
-                    nodes: Some(vec![NodeStatus {
-                        name: state.node.clone(),
-                        api: None,
-                        ok: true,
-                        error: None,
-                    }]),
-                },
-            }),
-            Some(other) => Err(error(
-                StatusCode::BAD_REQUEST,
-                &format!("scope={other:?} is not valid; expected local or cluster"),
-            )),
+            }
+            None => Self {
+                merged: None,
+                nodes: Some(vec![single_node(state)]),
+            },
+        })
+    }
+
+    /// Notes in each member's `error` that `part` of the answer is missing from it, for the
+    /// members `parts` (their statuses for reading that part) says it could not be read.
+    fn note_missing_parts(&mut self, parts: Option<Vec<NodeStatus>>, part: &str) {
+        let (Some(nodes), Some(parts)) = (&mut self.nodes, parts) else {
+            return;
+        };
+        for missing in parts.into_iter().filter(|p| !p.ok) {
+            let cause = missing.error.unwrap_or_default();
+            if let Some(node) = nodes.iter_mut().find(|n| n.name == missing.name) {
+                let note = format!("{part} missing: {cause}");
+                node.error = Some(match node.error.take() {
+                    Some(earlier) => format!("{earlier}; {note}"),
+                    None => note,
+                });
+            }
         }
     }
 
@@ -292,17 +307,39 @@ impl Scoped {
     }
 }
 
+/// Whether `scope` asks for the whole cluster (`cluster`) or this node (`local`, the default).
+/// The error names the value given.
+fn scope(query: &Query) -> Result<bool, String> {
+    match query.get("scope") {
+        None | Some("local") => Ok(false),
+        Some("cluster") => Ok(true),
+        Some(other) => Err(format!(
+            "scope={other:?} is not valid; expected local or cluster"
+        )),
+    }
+}
+
+/// A single node's entry in a cluster-scope answer: without a cluster, it is a cluster of one.
+fn single_node(state: &ApiState) -> NodeStatus {
+    NodeStatus {
+        name: state.node.clone(),
+        api: None,
+        ok: true,
+        error: None,
+    }
+}
+
 /// The newest divergences in scope: this node's, or every live member's merged (each tagged
-/// with its `node`).
+/// with its `node`). In the cluster scope, each member's part of the list is reported too.
 async fn scoped_recent(
     state: &ApiState,
-    scoped: &Scoped,
+    cluster_scope: bool,
     limit: usize,
     route: Option<String>,
-) -> Result<serde_json::Value, Response<Full<Bytes>>> {
+) -> Result<(serde_json::Value, Option<Vec<NodeStatus>>), Response<Full<Bytes>>> {
     let local = recent(state, limit, route.clone()).await?;
-    let (Some(cluster), Some(_)) = (&state.cluster, &scoped.nodes) else {
-        return Ok(json!(local));
+    let Some(cluster) = state.cluster.as_ref().filter(|_| cluster_scope) else {
+        return Ok((json!(local), None));
     };
 
     let mut path = format!("/api/divergences?limit={limit}");
@@ -310,20 +347,9 @@ async fn scoped_recent(
         path.push_str("&route=");
         path.extend(form_urlencoded::byte_serialize(route.as_bytes()));
     }
-    let mut lists = vec![(
-        state.node.clone(),
-        local.iter().map(|s| json!(s)).collect::<Vec<_>>(),
-    )];
-    for (member, answer) in cluster.gather(&path).await {
-        let list = answer
-            .ok()
-            .and_then(|body| serde_json::from_slice::<serde_json::Value>(&body).ok())
-            .and_then(|body| body["divergences"].as_array().cloned());
-        if let Some(list) = list {
-            lists.push((member.name, list));
-        }
-    }
-    Ok(json!(cluster::merge_divergences(lists, limit)))
+    let local = local.iter().map(|s| json!(s)).collect();
+    let (list, nodes) = cluster.merged_divergences(local, &path, limit).await;
+    Ok((json!(list), Some(nodes)))
 }
 
 /// `GET /api/profile`: this node's profile snapshot (counters, routes, HDR histograms), which
@@ -385,13 +411,19 @@ async fn divergences(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
             }
         },
     };
-    let scoped = match Scoped::read(state, query).await {
-        Ok(scoped) => scoped,
-        Err(response) => return response,
+    // The list is the whole answer: the members' parts are those of their lists, and their
+    // profiles are not read.
+    let cluster_scope = match scope(query) {
+        Ok(cluster_scope) => cluster_scope,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
     let route = query.get("route").map(str::to_owned);
-    match scoped_recent(state, &scoped, limit, route).await {
-        Ok(list) => {
+    match scoped_recent(state, cluster_scope, limit, route).await {
+        Ok((list, nodes)) => {
+            let scoped = Scoped {
+                merged: None,
+                nodes: nodes.or_else(|| cluster_scope.then(|| vec![single_node(state)])),
+            };
             let mut body = json!({ "divergences": list });
             scoped.annotate(&mut body);
             json_response(StatusCode::OK, &body)

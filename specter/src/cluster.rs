@@ -344,6 +344,36 @@ impl Cluster {
         (merged, statuses)
     }
 
+    /// The newest divergences over the cluster: `local` (this node's list) and every other live
+    /// member's answer to `path_and_query` (a `/api/divergences` request), merged by
+    /// [`merge_divergences`]. Each member's part is reported; one whose list could not be read
+    /// is marked not ok.
+    pub async fn merged_divergences(
+        &self,
+        local: Vec<serde_json::Value>,
+        path_and_query: &str,
+        limit: usize,
+    ) -> (Vec<serde_json::Value>, Vec<NodeStatus>) {
+        let mut lists = vec![(self.local.clone(), local)];
+        let mut statuses = vec![self.local_status()];
+        for (member, answer) in self.gather(path_and_query).await {
+            let list = answer.and_then(|body| {
+                serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|body| body["divergences"].as_array().cloned())
+                    .ok_or_else(|| "unreadable divergence list".to_owned())
+            });
+            match list {
+                Ok(list) => {
+                    statuses.push(status_of(&member, Ok(())));
+                    lists.push((member.name, list));
+                }
+                Err(e) => statuses.push(status_of(&member, Err(format!("divergences: {e}")))),
+            }
+        }
+        (merge_divergences(lists, limit), statuses)
+    }
+
     /// Every other live member's answer to `GET path_and_query` on its admin API, read
     /// concurrently.
     pub async fn gather(&self, path_and_query: &str) -> Vec<(Member, Result<Bytes, String>)> {
@@ -518,7 +548,7 @@ async fn fetch_answer(
 
 fn status_of(member: &Member, answer: Result<(), String>) -> NodeStatus {
     if let Err(error) = &answer {
-        warn!(member = %member.name, %error, "Member's figures missing from cluster totals");
+        warn!(member = %member.name, %error, "Member's figures missing from a cluster-wide answer");
     }
     NodeStatus {
         name: member.name.clone(),

@@ -4,8 +4,9 @@
 //! Each test states one promise the cluster makes: nodes find each other through one seed;
 //! a user's requests are replayed and recorded by one node, in order, whichever node they
 //! enter through; cluster-wide figures are the exact sum of the nodes'; a dead node's keys
-//! move to the survivors and come back when it returns; a partition heals without losing
-//! count of anything; and a node without the secret stays out.
+//! move to the survivors and come back when it returns; a member that cannot be read is named,
+//! not silently summed as zero; a partition heals without losing count of anything; and a node
+//! without the secret stays out.
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -505,6 +506,85 @@ fn a_killed_node_is_dropped_its_keys_move_and_it_takes_them_back() {
         let took = node.wait_for_members(&["node-0", "node-2"], Duration::from_secs(5));
         assert!(took < Duration::from_secs(5));
     }
+}
+
+#[test]
+fn a_member_whose_api_does_not_answer_is_named_and_left_out_of_the_totals() {
+    let dir = tempdir();
+    let topology = Topology::new(3);
+    let _upstreams = topology.start_upstreams(dir.path());
+    let nodes = three_nodes(&topology, &dir, false);
+    for node in &nodes {
+        node.wait_for_members(&ALL, JOIN_DEADLINE);
+    }
+    let Mirrored { stats, .. } = mirror_users_through_every_node(&topology, &nodes, 3);
+
+    // node-2 stays a live member (gossip and the forward channel still pass) but its admin
+    // API drops every packet, as a firewall in the wrong place would.
+    let rules = dir.path().join("no-api.nft");
+    std::fs::write(
+        &rules,
+        format!(
+            "table inet specter_test {{\n  chain input {{\n    type filter hook input priority 0;\n    \
+             tcp dport {} drop\n  }}\n}}\n",
+            cluster::API_PORT
+        ),
+    )
+    .unwrap();
+    topology.nodes[2].exec_ok(&["nft", "-f", rules.to_str().unwrap()]);
+    assert_eq!(nodes[0].members(), ALL, "node-2 is still a member");
+
+    let node_part = |answer: &Value, name: &str| -> Value {
+        answer["nodes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no nodes in {answer:#}"))
+            .iter()
+            .find(|n| n["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not listed in {answer:#}"))
+    };
+    let merged = nodes[0].api_json("/api/stats?scope=cluster");
+    let missing = node_part(&merged, "node-2");
+    assert_eq!(missing["ok"], false, "{merged:#}");
+    assert!(missing["error"].is_string(), "{missing:#}");
+    assert_eq!(node_part(&merged, "node-1")["ok"], true);
+    assert_eq!(
+        counter(&merged, "seen"),
+        sum(&stats[..2], "seen"),
+        "the totals are node-0's and node-1's"
+    );
+
+    let divergences = nodes[0].api_json("/api/divergences?scope=cluster&limit=1000");
+    let missing = node_part(&divergences, "node-2");
+    assert_eq!(missing["ok"], false, "{divergences:#}");
+    let error = missing["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("divergences:"), "{error}");
+    let listed: BTreeSet<&str> = divergences["divergences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["node"].as_str().unwrap())
+        .collect();
+    assert!(!listed.contains("node-2"), "{listed:?}");
+    assert!(!listed.is_empty());
+
+    // The verdict over the cluster refuses to judge on part of it, and says whose part.
+    let api = format!("http://{}", nodes[0].api());
+    let output = topology
+        .hub
+        .command(SPECTER)
+        .args(["verdict", "--api", &api, "--scope", "cluster"])
+        .output()
+        .expect("run specter verdict");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("node-2"), "names the member:\n{stderr}");
+
+    // Once its API answers again, it is back in the totals.
+    topology.nodes[2].exec_ok(&["nft", "delete", "table", "inet", "specter_test"]);
+    let merged = nodes[0].api_json("/api/stats?scope=cluster");
+    assert_eq!(node_part(&merged, "node-2")["ok"], true, "{merged:#}");
+    assert_eq!(counter(&merged, "seen"), sum(&stats, "seen"));
 }
 
 #[test]

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::{
-    cluster::{Cluster, NodeStatus},
+    cluster::{self, Cluster, NodeStatus},
     event::{Event, EventSummary, Outcome},
     profile::Profile,
     store::Store,
@@ -83,7 +83,15 @@ pub async fn serve(listener: TcpListener, state: ApiState, shutdown: impl Future
         let state = state.clone();
         let service = hyper::service::service_fn(move |request| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(route(&state, request).await) }
+            async move {
+                let mut response = route(&state, request).await;
+                // Says which node answered, so a member reading another's figures can tell
+                // that it reached the node it meant to (see `cluster::NODE_HEADER`).
+                if let Ok(node) = HeaderValue::from_str(&state.node) {
+                    response.headers_mut().insert(cluster::NODE_HEADER, node);
+                }
+                Ok::<_, Infallible>(response)
+            }
         });
         tokio::spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
@@ -172,20 +180,26 @@ async fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
 }
 
 async fn stats(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
-    let mut scoped = match Scoped::read(state, query).await {
+    let cluster_scope = match scope(query) {
+        Ok(cluster_scope) => cluster_scope,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    // The members' profiles and divergence lists are read at the same time, so a member that
+    // does not answer costs one read timeout, not two.
+    let (scoped, recent) = tokio::join!(
+        Scoped::read(state, query),
+        scoped_recent(state, cluster_scope, RECENT_IN_STATS, None)
+    );
+    let mut scoped = match scoped {
         Ok(scoped) => scoped,
         Err(response) => return response,
     };
-    let cluster_scope = scoped.nodes.is_some();
-    let recent = match scoped_recent(state, cluster_scope, RECENT_IN_STATS, None).await {
-        Ok((recent, recent_nodes)) => {
-            // The totals stand; a member whose recent divergences are missing from the list
-            // says so in its `error`.
-            scoped.note_missing_parts(recent_nodes, "recent divergences");
-            recent
-        }
-        Err(response) => return response,
-    };
+    // The totals stand whatever the lists: a member whose recent divergences are missing from
+    // the list says so in its `error`, and a store this node cannot read leaves its counters
+    // (kept in memory) to be shown all the same.
+    let recent_error = recent.local_error.filter(|_| recent.nodes.is_none());
+    scoped.note_missing_parts(recent.nodes, "recent divergences");
+    let recent = recent.list;
     let profile = scoped.profile(state);
     let view = profile.view();
     let c = view.counters;
@@ -222,6 +236,7 @@ async fn stats(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
         "routes": view.routes,
         "analysis": analysis_summary(profile),
         "recent_divergences": recent,
+        "recent_divergences_error": recent_error,
         // Capture figures are each node's own; the cluster view does not sum them.
         "capture": match scoped.nodes {
             None => state.capture.as_ref().map(|view| view()),
@@ -277,7 +292,7 @@ impl Scoped {
         for missing in parts.into_iter().filter(|p| !p.ok) {
             let cause = missing.error.unwrap_or_default();
             if let Some(node) = nodes.iter_mut().find(|n| n.name == missing.name) {
-                let note = format!("{part} missing: {cause}");
+                let note = format!("{part} missing ({cause})");
                 node.error = Some(match node.error.take() {
                     Some(earlier) => format!("{earlier}; {note}"),
                     None => note,
@@ -329,17 +344,32 @@ fn single_node(state: &ApiState) -> NodeStatus {
     }
 }
 
+/// The newest divergences in scope, as [`scoped_recent`] reads them.
+struct Recent {
+    list: serde_json::Value,
+    /// Why this node's own list could not be read; the list then holds the others' only.
+    local_error: Option<String>,
+    /// In the cluster scope, each member's part of the list.
+    nodes: Option<Vec<NodeStatus>>,
+}
+
 /// The newest divergences in scope: this node's, or every live member's merged (each tagged
-/// with its `node`). In the cluster scope, each member's part of the list is reported too.
+/// with its `node`).
 async fn scoped_recent(
     state: &ApiState,
     cluster_scope: bool,
     limit: usize,
     route: Option<String>,
-) -> Result<(serde_json::Value, Option<Vec<NodeStatus>>), Response<Full<Bytes>>> {
-    let local = recent(state, limit, route.clone()).await?;
+) -> Recent {
+    let local = recent(state, limit, route.clone()).await;
+    let local_error = local.as_ref().err().cloned();
+    let local = local.unwrap_or_default();
     let Some(cluster) = state.cluster.as_ref().filter(|_| cluster_scope) else {
-        return Ok((json!(local), None));
+        return Recent {
+            list: json!(local),
+            local_error,
+            nodes: None,
+        };
     };
 
     let mut path = format!("/api/divergences?limit={limit}");
@@ -348,8 +378,16 @@ async fn scoped_recent(
         path.extend(form_urlencoded::byte_serialize(route.as_bytes()));
     }
     let local = local.iter().map(|s| json!(s)).collect();
-    let (list, nodes) = cluster.merged_divergences(local, &path, limit).await;
-    Ok((json!(list), Some(nodes)))
+    let (list, mut nodes) = cluster.merged_divergences(local, &path, limit).await;
+    if let (Some(error), Some(this)) = (&local_error, nodes.first_mut()) {
+        this.ok = false;
+        this.error = Some(format!("divergences: {error}"));
+    }
+    Recent {
+        list: json!(list),
+        local_error,
+        nodes: Some(nodes),
+    }
 }
 
 /// `GET /api/profile`: this node's profile snapshot (counters, routes, HDR histograms), which
@@ -418,17 +456,18 @@ async fn divergences(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
     let route = query.get("route").map(str::to_owned);
-    match scoped_recent(state, cluster_scope, limit, route).await {
-        Ok((list, nodes)) => {
+    let recent = scoped_recent(state, cluster_scope, limit, route).await;
+    match (recent.local_error, recent.nodes) {
+        (Some(e), None) => error(StatusCode::SERVICE_UNAVAILABLE, &e),
+        (_, nodes) => {
             let scoped = Scoped {
                 merged: None,
                 nodes: nodes.or_else(|| cluster_scope.then(|| vec![single_node(state)])),
             };
-            let mut body = json!({ "divergences": list });
+            let mut body = json!({ "divergences": recent.list });
             scoped.annotate(&mut body);
             json_response(StatusCode::OK, &body)
         }
-        Err(response) => response,
     }
 }
 
@@ -614,11 +653,12 @@ fn percent_decode(text: &str) -> Option<String> {
 }
 
 /// The newest divergent events (diverged or shadow error), as summaries.
+/// This node's newest divergences, or why the store could not give them.
 async fn recent(
     state: &ApiState,
     limit: usize,
     route: Option<String>,
-) -> Result<Vec<EventSummary>, Response<Full<Bytes>>> {
+) -> Result<Vec<EventSummary>, String> {
     let store = state.store.clone();
     let read = tokio::task::spawn_blocking(move || store.recent(limit, route.as_deref(), true));
     match read.await {
@@ -627,14 +667,8 @@ async fn recent(
             .filter(|e| e.outcome != Outcome::Matched)
             .map(Event::summary)
             .collect()),
-        Ok(Err(e)) => Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("store read failed: {e}"),
-        )),
-        Err(e) => Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("store read failed: {e}"),
-        )),
+        Ok(Err(e)) => Err(format!("store read failed: {e}")),
+        Err(e) => Err(format!("store read failed: {e}")),
     }
 }
 

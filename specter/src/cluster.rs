@@ -60,6 +60,10 @@ pub use forward::ForwardError;
 pub use membership::{Member, MembershipError, NodeMeta};
 pub use ring::{DEFAULT_VNODES, Ring};
 
+/// The header every admin API answer names its node in. A member's figures are taken only
+/// from an answer that names that member: with `api.listen` on loopback, every node advertises
+/// the same address, and a node would read its own figures for every other member's.
+pub const NODE_HEADER: &str = "x-specter-node";
 /// How long reading one member's figures may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 /// The largest answer read from a member's admin API.
@@ -77,10 +81,10 @@ pub enum ClusterError {
         source: std::io::Error,
     },
     #[error(
-        "the cluster secret is empty (cluster.secret_file or {CLUSTER_SECRET_ENV}); put a long \
-         random string there, the same on every node"
+        "the cluster secret in {origin} is empty; put a long random string there, the same on \
+         every node"
     )]
-    EmptySecret,
+    EmptySecret { origin: String },
     #[error(
         "no cluster secret: set cluster.secret_file or {CLUSTER_SECRET_ENV}, the same on every \
          node"
@@ -90,6 +94,11 @@ pub enum ClusterError {
     Membership(#[from] MembershipError),
     #[error(transparent)]
     Forward(#[from] ForwardError),
+}
+
+/// Reads the cluster secret as a node would on start, for `specter check-config`.
+pub fn check_secret(section: &ClusterSection) -> Result<(), ClusterError> {
+    Keys::load(section).map(|_| ())
 }
 
 /// The keys derived from the cluster secret, one per use.
@@ -113,7 +122,11 @@ impl Keys {
         };
         let secret = secret.trim_ascii();
         if secret.is_empty() {
-            return Err(ClusterError::EmptySecret);
+            let origin = match &section.secret_file {
+                Some(path) => format!("{} (cluster.secret_file)", path.display()),
+                None => CLUSTER_SECRET_ENV.to_owned(),
+            };
+            return Err(ClusterError::EmptySecret { origin });
         }
         Ok(Self::derive(secret))
     }
@@ -255,6 +268,7 @@ impl Cluster {
             meta: NodeMeta {
                 api: reachable(api),
                 forward: forward_addr,
+                vnodes: section.vnodes,
             },
         })
         .await?;
@@ -387,7 +401,7 @@ impl Cluster {
             let path = path_and_query.to_owned();
             reads.spawn(async move {
                 let answer = match &member.meta {
-                    Some(meta) => fetch(&http, meta.api, &path).await,
+                    Some(meta) => fetch(&http, &member.name, meta.api, &path).await,
                     None => Err("its metadata cannot be read".to_owned()),
                 };
                 (index, member, answer)
@@ -415,7 +429,7 @@ impl Cluster {
     ) -> Option<Result<(StatusCode, Bytes), String>> {
         let member = self.members().iter().find(|m| m.name == name).cloned()?;
         Some(match &member.meta {
-            Some(meta) => fetch_answer(&self.http, meta.api, path_and_query).await,
+            Some(meta) => fetch_answer(&self.http, &member.name, meta.api, path_and_query).await,
             None => Err("its metadata cannot be read".to_owned()),
         })
     }
@@ -505,10 +519,11 @@ async fn rebuild_on_change(
 
 async fn fetch(
     http: &Client<HttpConnector, Empty<Bytes>>,
+    member: &str,
     api: SocketAddr,
     path: &str,
 ) -> Result<Bytes, String> {
-    let answer = match fetch_answer(http, api, path).await {
+    let answer = match fetch_answer(http, member, api, path).await {
         Ok((status, body)) if status.is_success() => Ok(body),
         Ok((status, body)) => Err(format!(
             "answered {status}: {}",
@@ -522,9 +537,11 @@ async fn fetch(
     answer
 }
 
-/// `GET path` on a member's admin API: its status and body, or why there was none.
+/// `GET path` on `member`'s admin API: its status and body, or why there was none. An answer
+/// from another node than `member` is an error.
 async fn fetch_answer(
     http: &Client<HttpConnector, Empty<Bytes>>,
+    member: &str,
     api: SocketAddr,
     path: &str,
 ) -> Result<(StatusCode, Bytes), String> {
@@ -533,6 +550,19 @@ async fn fetch_answer(
             .body(Empty::new())
             .map_err(|e| e.to_string())?;
         let response = http.request(request).await.map_err(|e| e.to_string())?;
+        let answered_as = response
+            .headers()
+            .get(NODE_HEADER)
+            .map(|name| String::from_utf8_lossy(name.as_bytes()).into_owned());
+        if answered_as.as_deref() != Some(member) {
+            let who = answered_as.map_or("something that is not a Specter node".to_owned(), |n| {
+                format!("node {n:?}")
+            });
+            return Err(format!(
+                "its advertised admin API {api} is answered by {who}; set its api.listen to an \
+                 address the other members reach"
+            ));
+        }
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_FETCH_BYTES)
             .collect()

@@ -336,7 +336,7 @@ impl Default for RoutesSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSection {
-    /// This node's name in the cluster, unique among its members; defaults to `$HOSTNAME`.
+    /// This node's name in the cluster, unique among its members; defaults to the host name.
     pub node_name: Option<String>,
     /// Gossip (membership) listens here, on TCP and UDP.
     pub bind_addr: SocketAddr,
@@ -386,19 +386,12 @@ impl ClusterSection {
         &self,
         invalid: impl Fn(&str, String, &str) -> ConfigError,
     ) -> Result<(), ConfigError> {
-        if let Some(name) = &self.node_name {
-            let valid = !name.is_empty()
-                && name.len() <= 128
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-            if !valid {
-                return Err(invalid(
-                    "cluster.node_name",
-                    name.clone(),
-                    "1 to 128 letters, digits, '-', '_' or '.'",
-                ));
-            }
+        if let Some(name) = self.node_name.as_ref().filter(|n| !valid_node_name(n)) {
+            return Err(invalid(
+                "cluster.node_name",
+                name.clone(),
+                "1 to 128 letters, digits, '-', '_' or '.'",
+            ));
         }
         if self.bind_addr.port() == 0 {
             return Err(invalid(
@@ -707,14 +700,26 @@ impl Config {
 
         if let Some(cluster) = &self.cluster {
             cluster.validate(invalid)?;
+            // The other members read this node's figures from its admin API; on loopback they
+            // would each reach their own.
+            let advertised = cluster.advertise_addr.unwrap_or(cluster.bind_addr).ip();
+            if self.api.listen.ip().is_loopback() && !advertised.is_loopback() {
+                return Err(invalid(
+                    "api.listen",
+                    self.api.listen.to_string(),
+                    &format!(
+                        "an address the other cluster members reach (this node's cluster \
+                         address is {advertised}), since they read its figures there"
+                    ),
+                ));
+            }
         }
 
         let node_name = self
             .cluster
             .as_ref()
             .and_then(|c| c.node_name.clone())
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| "specter".to_owned());
+            .unwrap_or_else(default_node_name);
 
         Ok(Validated {
             config: self,
@@ -726,6 +731,28 @@ impl Config {
             node_name,
         })
     }
+}
+
+/// A node name: 1 to 128 letters, digits, `-`, `_` or `.`.
+fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// The node name when `cluster.node_name` is not set: the machine's host name (from the
+/// kernel, since shells and service managers often do not export `$HOSTNAME`), else
+/// `$HOSTNAME`, else `specter`.
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .into_iter()
+        .chain(std::env::var("HOSTNAME").ok())
+        .find(|name| valid_node_name(name))
+        .unwrap_or_else(|| "specter".to_owned())
 }
 
 impl Config {

@@ -115,7 +115,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(&error),
+    };
     // The dashboard owns the terminal: a log line on stderr would tear its screen.
     if !matches!(cli.command, Some(Command::Tui { .. })) {
         init_logging(cli.log_format);
@@ -131,10 +134,42 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("specter: {error:#}");
+            eprintln!("specter: {}", describe(&error));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line. Most of Specter's errors already say their cause, so a
+/// cause whose text the line holds already is not repeated.
+fn describe(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Prints a command-line error (or the help or version asked for) and picks the exit code:
+/// 0 for help and version; for a mistake, 3 under `verdict` (its "no verdict could be had",
+/// so a gate never reads a typo as a verdict) and 1 elsewhere, as for any other failure.
+fn usage_error(error: &clap::Error) -> std::process::ExitCode {
+    let _ = error.print();
+    if !error.use_stderr() {
+        return std::process::ExitCode::SUCCESS;
+    }
+    let verdict = std::env::args()
+        .skip(1)
+        .find(|arg| !arg.starts_with('-') && !matches!(arg.as_str(), "text" | "json"))
+        .is_some_and(|command| command == "verdict");
+    std::process::ExitCode::from(if verdict { 3 } else { 1 })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -154,6 +189,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ) => run_attach(Config::load(&config)?, iface, ports, no_fallback).await,
         (Some(Command::CheckConfig { config }), None, None) => {
             let mut validated = Config::load(&config)?;
+            // What a node reads on start besides the file: the cluster secret, and the DSN's
+            // syntax (the server itself is not contacted).
+            if let Some(section) = &validated.config.cluster {
+                specter::cluster::check_secret(section)?;
+            }
+            if let Some(dsn) = validated.config.store.postgres_dsn.as_deref() {
+                specter::store::check_postgres_dsn(dsn)?;
+            }
             // The DSN may carry a password; the printout must not.
             if let Some(dsn) = validated.config.store.postgres_dsn.as_mut() {
                 *dsn = specter::store::redact_dsn(dsn);
@@ -475,8 +518,10 @@ async fn shutdown_signal() {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or journal gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

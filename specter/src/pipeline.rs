@@ -76,7 +76,7 @@ enum Job {
     Stop,
 }
 
-enum Record {
+pub(crate) enum Record {
     Event(Box<Event>),
     /// Write what is pending and end the recorder.
     Stop,
@@ -568,13 +568,24 @@ async fn learn_from_traffic(
 }
 
 /// The recorder thread: batches events into store transactions, each saving the profile too.
-fn run_recorder(store: Arc<dyn Store>, profile: Arc<Profile>, records: std_mpsc::Receiver<Record>) {
+pub(crate) fn run_recorder(
+    store: Arc<dyn Store>,
+    profile: Arc<Profile>,
+    records: std_mpsc::Receiver<Record>,
+) {
     info!(store = %store.describe(), "Recorder started");
     let mut batch = Vec::with_capacity(RECORDER_BATCH);
     let mut saved = profile.counters();
     let mut last_error: Option<Instant> = None;
+    // Events a background-writing backend accepted and then lost count as store drops too.
+    let mut backend_dropped = store.health().dropped;
 
     loop {
+        let dropped_now = store.health().dropped;
+        if dropped_now > backend_dropped {
+            profile.tally_n(Tally::StoreDropped, dropped_now - backend_dropped);
+            backend_dropped = dropped_now;
+        }
         let mut stop_after = false;
         let (stop, flush) = match records.recv_timeout(RECORDER_TICK) {
             Ok(Record::Event(event)) => {
@@ -607,9 +618,7 @@ fn run_recorder(store: Arc<dyn Store>, profile: Arc<Profile>, records: std_mpsc:
             match store.commit(&batch, &snapshot) {
                 Ok(()) => saved = counters,
                 Err(error) => {
-                    for _ in 0..batch.len() {
-                        profile.tally(Tally::StoreDropped);
-                    }
+                    profile.tally_n(Tally::StoreDropped, batch.len() as u64);
                     // One line per failure burst, not one per batch.
                     if last_error.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
                         warn!(%error, events = batch.len(), "Store write failed; events dropped");

@@ -631,23 +631,29 @@ impl Profile {
 
     /// Counts one exchange that did not reach the shadow, or one that entered the pipeline.
     pub fn tally(&self, tally: Tally) {
+        self.tally_n(tally, 1);
+    }
+
+    /// Counts `n` exchanges at once.
+    pub fn tally_n(&self, tally: Tally, n: u64) {
         let mut state = self.lock();
         let c = &mut state.counters;
-        match tally {
-            Tally::Seen => c.seen += 1,
-            Tally::SampledOut => c.sampled_out += 1,
-            Tally::SkippedUnsafe => c.skipped_unsafe += 1,
-            Tally::Truncated => c.truncated += 1,
-            Tally::Incomplete => c.incomplete += 1,
-            Tally::ShadowDropped => c.shadow_dropped += 1,
-            Tally::LiveError => c.live_errors += 1,
-            Tally::StoreDropped => c.store_dropped += 1,
-            Tally::LogDropped => c.exchange_log_dropped += 1,
-            Tally::Forwarded => c.forwarded += 1,
-            Tally::ForwardError => c.forward_errors += 1,
-            Tally::ForwardUnconfirmed => c.forward_unconfirmed += 1,
-            Tally::ForwardReceived => c.forward_received += 1,
-        }
+        let counter = match tally {
+            Tally::Seen => &mut c.seen,
+            Tally::SampledOut => &mut c.sampled_out,
+            Tally::SkippedUnsafe => &mut c.skipped_unsafe,
+            Tally::Truncated => &mut c.truncated,
+            Tally::Incomplete => &mut c.incomplete,
+            Tally::ShadowDropped => &mut c.shadow_dropped,
+            Tally::LiveError => &mut c.live_errors,
+            Tally::StoreDropped => &mut c.store_dropped,
+            Tally::LogDropped => &mut c.exchange_log_dropped,
+            Tally::Forwarded => &mut c.forwarded,
+            Tally::ForwardError => &mut c.forward_errors,
+            Tally::ForwardUnconfirmed => &mut c.forward_unconfirmed,
+            Tally::ForwardReceived => &mut c.forward_received,
+        };
+        *counter += n;
     }
 
     /// Records the outcome of one mirrored exchange, without statuses or differences.

@@ -35,6 +35,10 @@ use crate::{
     profile::Tally,
 };
 
+/// Header fields accepted in a request or a live response. Far above what HTTP servers
+/// commonly take (often 100), so the proxy never refuses what the live service would accept.
+pub const MAX_HEADERS: usize = 1000;
+
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 #[derive(Debug, Error)]
@@ -82,6 +86,7 @@ pub async fn serve(
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
+        .http1_max_headers(MAX_HEADERS)
         .build(connector);
     let proxy = Arc::new(Proxy {
         settings,
@@ -116,6 +121,7 @@ pub async fn serve(
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
+            .max_headers(MAX_HEADERS)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(

@@ -89,6 +89,7 @@ impl ShadowClient {
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
+            .http1_max_headers(crate::proxy::MAX_HEADERS)
             .build(connector);
         Self {
             client,

@@ -29,6 +29,11 @@ pub fn redact_dsn(dsn: &str) -> String {
     postgres::redact_dsn(dsn)
 }
 
+/// Checks `store.postgres_dsn` the way opening the store does, without contacting the server.
+pub fn check_postgres_dsn(dsn: &str) -> Result<(), StoreError> {
+    postgres::parse_dsn(dsn).map(|_| ())
+}
+
 /// Keeps events and the profile snapshot; shared by the recorder and the API.
 pub trait Store: Send + Sync + 'static {
     /// Appends events (their ids already assigned, increasing) and saves the opaque profile
@@ -178,6 +183,12 @@ pub enum StoreError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error(
+        "store.postgres_dsn {dsn} asks for TLS (sslmode=require), which Specter's PostgreSQL \
+         connection does not do; reach the server over a trusted network or a TLS tunnel, \
+         with sslmode=disable or prefer"
+    )]
+    PostgresTls { dsn: String },
     #[error(
         "cannot connect to the postgres store at {dsn}: {source}; check that PostgreSQL is \
          running and reachable there, and that store.postgres_dsn has the right host, port, user, \

@@ -158,6 +158,7 @@ pub async fn serve(
         let service = service_fn(move |request| respond(request, mode));
         let connection = http1::Builder::new()
             .keep_alive(true)
+            .max_headers(crate::proxy::MAX_HEADERS)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         let span = tracing::debug_span!("connection", %peer, %mode);

@@ -698,4 +698,12 @@ fn a_node_with_the_wrong_secret_cannot_join() {
         sum(stats, "mirrored") == 5
     });
     assert_eq!(sum(&stats, "forwarded"), 0);
+
+    // It says it is alone, and what to check.
+    let log = wait_until("the intruder's warning", Duration::from_secs(20), || {
+        let log = nodes[2].log_text();
+        log.contains("No cluster peer has let this node in")
+            .then_some(log)
+    });
+    assert!(log.contains("same cluster secret"), "{log}");
 }

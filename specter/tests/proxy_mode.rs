@@ -660,6 +660,34 @@ fn bad_config_names_the_bad_key() {
 }
 
 #[test]
+fn command_line_mistakes_exit_with_the_documented_codes() {
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(harness::SPECTER)
+            .args(args)
+            .output()
+            .expect("run specter");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    // Under `verdict`, 2 means "not enough evidence yet": a typo must not read as that.
+    for args in [
+        &["verdict", "--scope", "clust"][..],
+        &["verdict", "--min-samples", "abc"],
+        &["--log-format", "json", "verdict", "--bogus"],
+    ] {
+        let (code, stderr) = run(args);
+        assert_eq!(code, Some(3), "specter {args:?}:\n{stderr}");
+        assert!(!stderr.is_empty(), "specter {args:?} says nothing");
+    }
+    let (code, stderr) = run(&["proxy", "--bogus"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--bogus"), "{stderr}");
+    assert_eq!(run(&["--help"]).0, Some(0));
+}
+
+#[test]
 fn malformed_request_gets_400_and_proxy_survives() {
     let dir = tempdir();
     let live = TestServer::live(dir.path());
@@ -691,6 +719,19 @@ fn malformed_request_gets_400_and_proxy_survives() {
         "malformed requests are not exchanges: {stats:#}"
     );
     assert_eq!(counter(&stats, "matched"), 1, "{stats:#}");
+
+    // A request with 300 header fields, three times what many servers take, goes through and
+    // is mirrored like any other.
+    let mut wide = b"GET /users/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".to_vec();
+    for n in 0..300 {
+        wide.extend_from_slice(format!("X-Extra-{n}: {n}\r\n").as_bytes());
+    }
+    wide.extend_from_slice(b"\r\n");
+    let answer = raw_request(specter.proxy, &wide);
+    assert!(answer.status_line.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let stats =
+        specter.wait_for_stats("the wide request mirrored", |s| counter(s, "mirrored") >= 2);
+    assert_eq!(counter(&stats, "matched"), 2, "{stats:#}");
 
     // With the live service down the client gets a 502 that says which service failed.
     let down = closed_addr();

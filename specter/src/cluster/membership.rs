@@ -12,6 +12,10 @@
 //!   received, so a node without the secret can neither join nor forge a member's metadata.
 //! - **Node metadata** carries this node's admin API and node-to-node forward addresses, as
 //!   compact JSON well under the crate's 512-byte cap.
+//! - **A gatekeeper** refuses members that would split ownership: one whose name is already
+//!   taken by another live node (both would answer for the same keys), and one whose ring has
+//!   another number of points per member (the two would disagree on every key's owner). A node
+//!   that meets either while joining does not start; one met later is logged as an error.
 //! - **Rejoining** is ours: the crate never contacts a member again once it declared it dead,
 //!   so after a partition heals (or a seed restarts) the two sides would stay apart. A joiner
 //!   task keeps trying the seeds and every member seen recently that is not in the live view.
@@ -19,13 +23,16 @@
 use std::{
     collections::{BTreeMap, HashSet},
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use memberlist::{
     Options,
-    delegate::{CompositeDelegate, EventDelegate, NodeDelegate, VoidDelegate},
+    delegate::{
+        AliveDelegate, CompositeDelegate, ConflictDelegate, EventDelegate, NodeDelegate,
+        VoidDelegate,
+    },
     net::NetTransportOptions,
     proto::{EncryptionAlgorithm, MaybeResolvedAddress, Meta, NodeState, SecretKey},
     tokio::{TokioSocketAddrResolver, TokioTcpMemberlist},
@@ -36,7 +43,7 @@ use tokio::{
     sync::{Notify, watch},
     task::JoinHandle,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How often the live view is refreshed when no event arrives.
 const REFRESH_TICK: Duration = Duration::from_secs(1);
@@ -46,13 +53,17 @@ const REJOIN_TICK: Duration = Duration::from_secs(2);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a member that left the live view is still tried as a rejoin target.
 const REMEMBER_FOR: Duration = Duration::from_secs(24 * 3600);
+/// How long a node with peers may stay alone before it says so, and how often it says so again.
+const ALONE_WARNING: Duration = Duration::from_secs(10);
+/// How often the same refusal of a member is logged again.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 type Id = Arc<str>;
 type Delegate = CompositeDelegate<
     Id,
     SocketAddr,
-    VoidDelegate<Id, SocketAddr>,
-    VoidDelegate<Id, SocketAddr>,
+    Gatekeeper,
+    Gatekeeper,
     Poke,
     VoidDelegate<Id, SocketAddr>,
     LocalMeta,
@@ -69,6 +80,8 @@ pub enum MembershipError {
     Start { bind: SocketAddr, message: String },
     #[error("node metadata is {len} bytes, above the gossip limit of {limit}")]
     MetaTooLarge { len: usize, limit: usize },
+    #[error("not joining the cluster: {0}")]
+    Refused(String),
 }
 
 /// What a node tells the others about itself through gossip.
@@ -78,6 +91,9 @@ pub struct NodeMeta {
     pub api: SocketAddr,
     /// The node-to-node channel that takes mirror jobs for the keys this node owns.
     pub forward: SocketAddr,
+    /// Its ring's points per member (`cluster.vnodes`); 0 when not said.
+    #[serde(default)]
+    pub vnodes: usize,
 }
 
 /// One live member of the cluster, this node included.
@@ -131,7 +147,16 @@ impl Membership {
         })?;
 
         let poke = Arc::new(Notify::new());
+        let gatekeeper = Gatekeeper(Arc::new(Gate {
+            name: settings.node_name.clone(),
+            vnodes: settings.meta.vnodes,
+            refused: Mutex::new(BTreeMap::new()),
+            name_taken: Mutex::new(None),
+            vnodes_differ: Mutex::new(None),
+        }));
         let delegate = CompositeDelegate::new()
+            .with_alive_delegate(gatekeeper.clone())
+            .with_conflict_delegate(gatekeeper.clone())
             .with_event_delegate(Poke(poke.clone()))
             .with_node_delegate(LocalMeta(meta));
 
@@ -181,6 +206,13 @@ impl Membership {
             remembered: BTreeMap::new(),
         };
         joiner.attempt(&[]).await;
+        let alone = gossip.online_members().await.len() <= 1;
+        if let Some(reason) = gatekeeper.0.blocks_start(alone) {
+            if let Err(error) = gossip.shutdown().await {
+                debug!(%error, "Gossip shutdown reported an error");
+            }
+            return Err(MembershipError::Refused(reason));
+        }
         refresh(&gossip, &publish).await;
 
         membership
@@ -294,6 +326,10 @@ struct Joiner {
 
 impl Joiner {
     async fn run(mut self, mut view: watch::Receiver<Arc<[Member]>>) {
+        // A node given peers that stays alone says so: its peers are unreachable, or they do
+        // not let it in (another cluster secret, say), and it owns every key meanwhile.
+        let mut alone_since = Instant::now();
+        let mut warned_at: Option<Instant> = None;
         loop {
             let live = view.borrow_and_update().clone();
             let now = Instant::now();
@@ -303,19 +339,40 @@ impl Joiner {
             self.remembered
                 .retain(|_, seen| now.duration_since(*seen) < REMEMBER_FOR);
 
-            self.attempt(&live).await;
+            let failures = self.attempt(&live).await;
+            if live.len() > 1 || self.seeds.is_empty() {
+                alone_since = now;
+                warned_at = None;
+            } else if now.duration_since(alone_since) >= ALONE_WARNING
+                && warned_at.is_none_or(|at| now.duration_since(at) >= ALONE_WARNING * 6)
+            {
+                warn!(
+                    peers = ?self.seeds,
+                    failures = ?failures,
+                    "No cluster peer has let this node in after {} s; it runs alone and owns \
+                     every key. Check that the peers are reachable on their gossip port and \
+                     use the same cluster secret",
+                    now.duration_since(alone_since).as_secs()
+                );
+                warned_at = Some(now);
+            }
             tokio::time::sleep(REJOIN_TICK).await;
         }
     }
 
     /// One join round: every seed and remembered address that is not live and not ours.
-    async fn attempt(&mut self, live: &[Member]) {
+    /// Returns why each target could not be joined through.
+    async fn attempt(&mut self, live: &[Member]) -> Vec<String> {
         let live: HashSet<SocketAddr> = live.iter().map(|m| m.gossip).collect();
         let mut targets: Vec<SocketAddr> = Vec::new();
+        let mut failures = Vec::new();
         for seed in &self.seeds {
             match tokio::net::lookup_host(seed.as_str()).await {
                 Ok(addrs) => targets.extend(addrs),
-                Err(error) => debug!(%seed, %error, "Cannot resolve cluster seed"),
+                Err(error) => {
+                    debug!(%seed, %error, "Cannot resolve cluster seed");
+                    failures.push(format!("{seed}: {error}"));
+                }
             }
         }
         targets.extend(self.remembered.keys().copied());
@@ -323,7 +380,7 @@ impl Joiner {
         targets.dedup();
         targets.retain(|addr| !live.contains(addr) && !self.own.contains(addr));
         if targets.is_empty() {
-            return;
+            return failures;
         }
 
         // One task per target, so an unreachable one does not hold up the others.
@@ -332,14 +389,134 @@ impl Joiner {
             let gossip = self.gossip.clone();
             joins.spawn(async move {
                 let join = gossip.join(MaybeResolvedAddress::Resolved(target));
-                match tokio::time::timeout(JOIN_TIMEOUT, join).await {
-                    Ok(Ok(_)) => debug!(%target, "Joined through cluster peer"),
-                    Ok(Err(error)) => debug!(%target, %error, "Cannot join through cluster peer"),
-                    Err(_) => debug!(%target, "Joining through cluster peer timed out"),
+                let failure = match tokio::time::timeout(JOIN_TIMEOUT, join).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(error)) => Some(error.to_string()),
+                    Err(_) => Some(format!("no answer within {JOIN_TIMEOUT:?}")),
+                };
+                match &failure {
+                    None => debug!(%target, "Joined through cluster peer"),
+                    Some(error) => debug!(%target, %error, "Cannot join through cluster peer"),
                 }
+                failure.map(|error| format!("{target}: {error}"))
             });
         }
-        while joins.join_next().await.is_some() {}
+        while let Some(joined) = joins.join_next().await {
+            failures.extend(joined.ok().flatten());
+        }
+        failures
+    }
+}
+
+/// Refuses members that would split ownership, and remembers why (see the module docs).
+#[derive(Clone)]
+struct Gatekeeper(Arc<Gate>);
+
+struct Gate {
+    /// This node's name and ring points.
+    name: String,
+    vnodes: usize,
+    /// Each refusal's reason, and when it was last logged.
+    refused: Mutex<BTreeMap<String, Instant>>,
+    /// Set when another node has this node's name.
+    name_taken: Mutex<Option<String>>,
+    /// Set when a member was refused for its ring points.
+    vnodes_differ: Mutex<Option<String>>,
+}
+
+impl Gate {
+    /// Logs a refusal, at most once a [`REFUSAL_LOG_EVERY`] per reason.
+    fn log(&self, reason: &str) {
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let due = refused
+            .get(reason)
+            .is_none_or(|logged| now.duration_since(*logged) >= REFUSAL_LOG_EVERY);
+        if due {
+            error!("{reason}");
+            refused.insert(reason.to_owned(), now);
+        }
+    }
+
+    fn note(slot: &Mutex<Option<String>>, reason: &str) {
+        slot.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| reason.to_owned());
+    }
+
+    /// Why this node must not start after its first join: another node has its name, or it let
+    /// no member in because each has other ring points. `alone` says whether it is alone.
+    fn blocks_start(&self, alone: bool) -> Option<String> {
+        let taken = self.name_taken.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(reason) = taken.clone() {
+            return Some(reason);
+        }
+        let differ = self.vnodes_differ.lock().unwrap_or_else(|p| p.into_inner());
+        differ.clone().filter(|_| alone)
+    }
+}
+
+/// Why a member's metadata was refused.
+#[derive(Debug, Error)]
+#[error("{0}")]
+struct Refusal(String);
+
+impl AliveDelegate for Gatekeeper {
+    type Id = Id;
+    type Address = SocketAddr;
+    type Error = Refusal;
+
+    async fn notify_alive(&self, peer: Arc<NodeState<Id, SocketAddr>>) -> Result<(), Refusal> {
+        let Ok(meta) = serde_json::from_slice::<NodeMeta>(peer.meta().as_bytes()) else {
+            return Ok(());
+        };
+        let gate = &self.0;
+        if meta.vnodes == 0 || gate.vnodes == 0 || meta.vnodes == gate.vnodes {
+            return Ok(());
+        }
+        let reason = format!(
+            "member {} at {} uses cluster.vnodes {} and this node {}: the two would disagree \
+             on who owns each key, so it is not let in; every node needs the same value",
+            peer.id(),
+            peer.address(),
+            meta.vnodes,
+            gate.vnodes
+        );
+        gate.log(&reason);
+        Gate::note(&gate.vnodes_differ, &reason);
+        Err(Refusal(reason))
+    }
+}
+
+impl ConflictDelegate for Gatekeeper {
+    type Id = Id;
+    type Address = SocketAddr;
+
+    async fn notify_conflict(
+        &self,
+        existing: Arc<NodeState<Id, SocketAddr>>,
+        other: Arc<NodeState<Id, SocketAddr>>,
+    ) {
+        let gate = &self.0;
+        let reason = if existing.id().as_ref() == gate.name {
+            let reason = format!(
+                "cluster.node_name {:?} is also the name of the node at {}; each node needs a \
+                 name of its own",
+                gate.name,
+                other.address()
+            );
+            Gate::note(&gate.name_taken, &reason);
+            reason
+        } else {
+            format!(
+                "two nodes call themselves {:?}, at {} and at {}; each node needs a name of \
+                 its own",
+                existing.id(),
+                existing.address(),
+                other.address()
+            )
+        };
+        gate.log(&reason);
     }
 }
 

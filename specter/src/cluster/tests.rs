@@ -129,7 +129,8 @@ fn rejected_key(yaml: &str) -> String {
 #[test]
 fn cluster_config_defaults_and_derived_forward_address() {
     let validated = validate(
-        "cluster:\n  node_name: a\n  bind_addr: 10.0.0.1:7946\n  secret_file: /etc/secret\n",
+        "api:\n  listen: 10.0.0.1:9090\ncluster:\n  node_name: a\n  bind_addr: 10.0.0.1:7946\n  \
+         secret_file: /etc/secret\n",
     )
     .expect("valid");
     let cluster = validated.config.cluster.expect("section");
@@ -171,6 +172,13 @@ fn cluster_config_errors_name_the_key() {
         )),
         "cluster.forward_addr"
     );
+    // The other members could not read this node's figures on loopback.
+    assert_eq!(
+        rejected_key(&format!("{base}  bind_addr: 10.0.0.1:7946\n")),
+        "api.listen"
+    );
+    // A cluster all on loopback (one host) is fine.
+    validate(&format!("{base}  bind_addr: 127.0.0.1:7946\n")).expect("valid on one host");
     if std::env::var_os(CLUSTER_SECRET_ENV).is_none() {
         assert_eq!(
             rejected_key("cluster:\n  bind_addr: 10.0.0.1:7946\n"),

@@ -230,6 +230,20 @@ enum Failure {
     Permanent(String),
 }
 
+/// Parses `store.postgres_dsn`, refusing what the connection cannot do.
+pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let config: tokio_postgres::Config = dsn.parse().map_err(|source| StoreError::PostgresDsn {
+        dsn: redact_dsn(dsn),
+        source,
+    })?;
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(StoreError::PostgresTls {
+            dsn: redact_dsn(dsn),
+        });
+    }
+    Ok(config)
+}
+
 impl PostgresStore {
     /// Connects, brings the schema to the current version and starts the writer.
     ///
@@ -240,14 +254,7 @@ impl PostgresStore {
         let dsn = redact_dsn(&settings.dsn);
         let name = format!("postgres at {dsn} (node {})", settings.node);
 
-        let mut pg_config: tokio_postgres::Config =
-            settings
-                .dsn
-                .parse()
-                .map_err(|source| StoreError::PostgresDsn {
-                    dsn: dsn.clone(),
-                    source,
-                })?;
+        let mut pg_config = parse_dsn(&settings.dsn)?;
         if pg_config.get_connect_timeout().is_none() {
             pg_config.connect_timeout(CONNECT_TIMEOUT);
         }

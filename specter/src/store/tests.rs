@@ -879,6 +879,52 @@ fn postgres_buffers_while_unreachable_and_writes_when_back() -> anyhow::Result<(
 }
 
 #[test]
+fn events_the_backend_drops_count_as_store_drops_in_the_profile() -> anyhow::Result<()> {
+    use crate::{
+        pipeline::{Record, run_recorder},
+        profile::Profile,
+    };
+
+    let postgres = Postgres::new();
+    let mut relay = Relay::start(postgres.runtime.handle(), postgres.address());
+    let node = postgres.node("recorder-outage");
+    let store = postgres.open(Settings {
+        dsn: postgres.dsn_to(Some(relay.address()), &[]),
+        max_buffered: 100,
+        ..postgres.settings(&node, 1000)
+    })?;
+    let profile = Arc::new(Profile::new());
+    let (records, receiver) = std::sync::mpsc::channel();
+    let recorder = {
+        let (store, profile) = (store.clone(), profile.clone());
+        std::thread::spawn(move || run_recorder(store, profile, receiver))
+    };
+
+    relay.cut();
+    for id in 1..=130 {
+        records.send(Record::Event(Box::new(event(id, "/a", Outcome::Diverged))))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while profile.counters().store_dropped < 30 {
+        ensure!(
+            Instant::now() < deadline,
+            "store_dropped is {}, the backend dropped {}",
+            profile.counters().store_dropped,
+            store.health().dropped
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(store.health().dropped, 30);
+
+    relay.restore();
+    records.send(Record::Stop)?;
+    recorder.join().expect("recorder thread");
+    assert_eq!(profile.counters().store_dropped, 30, "counted once");
+    assert_eq!(store.len()?, 100);
+    Ok(())
+}
+
+#[test]
 fn postgres_open_fails_fast_and_clearly_when_the_server_is_unreachable() {
     let postgres = Postgres::new();
     let closed_port = {

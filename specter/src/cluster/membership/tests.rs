@@ -14,6 +14,17 @@ fn free_port() -> u16 {
 }
 
 async fn node(name: &str, key: [u8; 32], seeds: &[SocketAddr]) -> Membership {
+    start(name, key, seeds, 128)
+        .await
+        .expect("membership starts")
+}
+
+async fn start(
+    name: &str,
+    key: [u8; 32],
+    seeds: &[SocketAddr],
+    vnodes: usize,
+) -> Result<Membership, MembershipError> {
     let bind = SocketAddr::from(([127, 0, 0, 1], free_port()));
     Membership::start(MembershipSettings {
         node_name: name.to_owned(),
@@ -24,10 +35,50 @@ async fn node(name: &str, key: [u8; 32], seeds: &[SocketAddr]) -> Membership {
         meta: NodeMeta {
             api: SocketAddr::from(([127, 0, 0, 1], 9090)),
             forward: SocketAddr::from(([127, 0, 0, 1], bind.port())),
+            vnodes,
         },
     })
     .await
-    .expect("membership starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_name_is_taken_does_not_start() {
+    let key = [8; 32];
+    let a = node("a", key, &[]).await;
+    let b = node("b", key, &[a.local().gossip]).await;
+    wait_for("join", Duration::from_secs(10), &a, &["a", "b"]).await;
+
+    let error = start("b", key, &[a.local().gossip], 128)
+        .await
+        .err()
+        .expect("a second b is refused");
+    let message = error.to_string();
+    assert!(message.contains("cluster.node_name \"b\""), "{message}");
+    assert!(message.contains(&b.local().gossip.to_string()), "{message}");
+    // The first b is still the member called b.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let members = a.members();
+    let listed = members.iter().find(|m| m.name == "b").expect("b listed");
+    assert_eq!(listed.gossip, b.local().gossip);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_other_ring_points_is_not_let_in() {
+    let key = [9; 32];
+    let a = node("a", key, &[]).await;
+    let b = node("b", key, &[a.local().gossip]).await;
+    wait_for("join", Duration::from_secs(10), &a, &["a", "b"]).await;
+
+    let error = start("c", key, &[a.local().gossip], 64)
+        .await
+        .err()
+        .expect("a node with 64 points is refused");
+    let message = error.to_string();
+    assert!(message.contains("cluster.vnodes 128"), "{message}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for m in [&a, &b] {
+        assert_eq!(names(&m.members()), ["a", "b"]);
+    }
 }
 
 fn names(members: &[Member]) -> Vec<String> {

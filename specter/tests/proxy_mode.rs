@@ -18,8 +18,8 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use harness::{
-    FakeShadow, ProxyConfig, Specter, TestServer, accepts, client, closed_addr, counter, free_port,
-    raw_request, run_proxy_to_exit,
+    FakeShadow, ProxyConfig, Relay, Specter, TestServer, accepts, client, closed_addr, counter,
+    free_port, raw_request, run_proxy_to_exit,
 };
 
 /// What a client sees of one response, minus the `Date` header, which moves with the clock.
@@ -685,6 +685,67 @@ fn command_line_mistakes_exit_with_the_documented_codes() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("--bogus"), "{stderr}");
     assert_eq!(run(&["--help"]).0, Some(0));
+}
+
+/// The PostgreSQL server `.ci/run` starts (the postgres store tests' default), reached here
+/// through a relay that plays its outage.
+const POSTGRES: ([u8; 4], u16) = ([127, 0, 0, 1], 5432);
+
+#[test]
+fn stats_keep_answering_while_a_postgres_store_is_down() {
+    let dir = tempdir();
+    let live = TestServer::live(dir.path());
+    let shadow = TestServer::shadow(dir.path());
+    let relay = Relay::start(POSTGRES.into());
+    let secret = dir.path().join("cluster.secret");
+    std::fs::write(&secret, "a secret for one node").unwrap();
+    // A cluster of one, only to give this run's rows a node name of their own.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let config = ProxyConfig::new(live.url(), shadow.url())
+        .store(&format!(
+            "  backend: postgres\n  postgres_dsn: \"host=127.0.0.1 port={} user=postgres \
+             password=postgres dbname=specter_test\"",
+            relay.addr.port()
+        ))
+        .section(&format!(
+            "cluster:\n  node_name: stats-outage-{nanos}\n  bind_addr: 127.0.0.1:{}\n  \
+             forward_addr: 127.0.0.1:{}\n  secret_file: {}",
+            free_port(),
+            free_port(),
+            secret.display()
+        ));
+    let specter = Specter::start(dir.path(), config);
+    let client = client();
+
+    assert_eq!(get(&client, &specter.url("/orders/1")).status, 200);
+    let stats = specter.wait_for_stats("the divergence stored", |s| {
+        s["recent_divergences"]
+            .as_array()
+            .is_some_and(|list| list.len() == 1)
+    });
+    assert!(stats["recent_divergences_error"].is_null(), "{stats:#}");
+
+    // PostgreSQL goes away: clients still get their answers, and /api/stats still shows the
+    // counters, saying why the recent divergences are missing.
+    relay.cut();
+    let through = get(&client, &specter.url("/orders/2"));
+    assert_eq!(through, get(&client, &format!("{}/orders/2", live.url())));
+    let stats = specter.wait_for_stats("the stats during the outage", |s| {
+        counter(s, "mirrored") == 2 && s["recent_divergences_error"].is_string()
+    });
+    assert_eq!(counter(&stats, "seen"), 2, "{stats:#}");
+    assert_eq!(stats["recent_divergences"], serde_json::json!([]));
+    let error = stats["recent_divergences_error"].as_str().unwrap();
+    assert!(error.contains("store read failed"), "{error}");
+
+    // The list itself cannot be had: that is a 503 that says why.
+    let url = format!("http://{}/api/divergences", specter.api);
+    let response = client.get(&url).send().unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.text().unwrap().contains("store read failed"));
 }
 
 #[test]

@@ -292,6 +292,8 @@ pub struct ProxyConfig {
     shadow: String,
     specter_keys: Vec<String>,
     sections: Vec<String>,
+    /// The `store:` section's body in place of the test directory's redb file.
+    store: Option<String>,
 }
 
 impl ProxyConfig {
@@ -301,7 +303,15 @@ impl ProxyConfig {
             shadow: shadow.into(),
             specter_keys: Vec::new(),
             sections: Vec::new(),
+            store: None,
         }
+    }
+
+    /// The `store:` section's body, as indented YAML lines, instead of a redb file in the test
+    /// directory.
+    pub fn store(mut self, yaml: &str) -> Self {
+        self.store = Some(yaml.trim_end().to_owned());
+        self
     }
 
     /// One more `key: value` line in the `specter:` section.
@@ -324,10 +334,11 @@ impl ProxyConfig {
         for line in &self.specter_keys {
             yaml.push_str(&format!("  {line}\n"));
         }
-        yaml.push_str(&format!(
-            "store:\n  path: {}\napi:\n  listen: {api}\n",
-            store.display()
-        ));
+        match &self.store {
+            Some(body) => yaml.push_str(&format!("store:\n{body}\n")),
+            None => yaml.push_str(&format!("store:\n  path: {}\n", store.display())),
+        }
+        yaml.push_str(&format!("api:\n  listen: {api}\n"));
         for section in &self.sections {
             yaml.push_str(section);
             yaml.push('\n');
@@ -792,5 +803,60 @@ pub fn run_cli(args: &[&str], deadline: Duration) -> CliRun {
         code: output.status.code(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// A TCP relay to `target` on a loopback port, that can be cut to play an outage of the
+/// server behind it: connections through it are closed and new ones refused.
+pub struct Relay {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    pub fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let addr = listener.local_addr().expect("relay address");
+        listener.set_nonblocking(true).expect("non-blocking relay");
+        let cut = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let (stop, streams) = (cut.clone(), open.clone());
+        thread::spawn(move || {
+            // The listener is dropped when cut, so connecting is refused from then on.
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let mut kept = streams.lock().unwrap();
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    thread::spawn(move || {
+                        let _ = io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                kept.extend([client, server]);
+            }
+        });
+        Self { addr, cut, open }
+    }
+
+    /// Closes every connection through the relay and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
     }
 }

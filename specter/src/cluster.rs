@@ -65,7 +65,7 @@ pub use ring::{DEFAULT_VNODES, Ring};
 /// the same address, and a node would read its own figures for every other member's.
 pub const NODE_HEADER: &str = "x-specter-node";
 /// How long reading one member's figures may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 /// The largest answer read from a member's admin API.
 const MAX_FETCH_BYTES: usize = 64 * 1024 * 1024;
 /// Room in a forward frame for the request line, headers and the job's own fields, on top of

@@ -1,6 +1,7 @@
 //! The `specter` command: argument parsing and the wiring of the stages.
 
 use std::{
+    io::Write as _,
     path::PathBuf,
     sync::{Arc, Mutex},
 };
@@ -134,7 +135,8 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("specter: {}", describe(&error));
+            // Not eprintln!, which panics when stderr is gone (a closed terminal, say).
+            let _ = writeln!(std::io::stderr(), "specter: {}", describe(&error));
             std::process::ExitCode::FAILURE
         }
     }
@@ -230,7 +232,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let code = specter::verdict::run(&args).await;
             // The exit code is the answer, so leave with it rather than through main's
             // success-or-failure.
-            use std::io::Write as _;
             let _ = std::io::stdout().flush();
             std::process::exit(i32::from(code));
         }

@@ -8,7 +8,8 @@
 //! - [`client`]: the API's JSON and the thread that polls it about once a second;
 //! - [`app`]: the state and what each key or answer does to it, free of I/O so tests drive it;
 //! - [`ui`]: drawing the state with ratatui, usable at 80x24;
-//! - [`terminal`]: raw mode and the alternate screen, restored on exit and on panic.
+//! - [`terminal`]: raw mode and the alternate screen, restored on exit and on panic, and the
+//!   wait for keys that notices when the terminal goes away.
 //!
 //! The dashboard never writes logs: anything printed to the terminal would tear the screen, so
 //! the binary does not set up logging for this subcommand.
@@ -28,7 +29,7 @@ use crate::verdict::Scope;
 use self::{
     app::{App, Input},
     client::{ApiBase, Poller},
-    terminal::TerminalGuard,
+    terminal::{Keys, TerminalGuard},
 };
 
 /// How often the dashboard refreshes from the API.
@@ -46,6 +47,8 @@ pub enum TuiError {
     TerminalSetup(#[source] std::io::Error),
     #[error("terminal input or output failed: {0}")]
     Terminal(#[source] std::io::Error),
+    #[error("the terminal went away (its window, session or connection closed)")]
+    TerminalGone,
 }
 
 /// Runs the dashboard on the admin API at `api` (e.g. `http://127.0.0.1:9090`) until the user
@@ -61,19 +64,30 @@ pub fn run(api: String, scope: Scope) -> Result<(), TuiError> {
     let mut guard = TerminalGuard::enter().map_err(TuiError::TerminalSetup)?;
     let mut app = App::new(base.as_str()).in_scope(scope);
 
-    // Every pass draws, waits briefly for a key, then takes whatever the poller has answered.
-    // A resize needs nothing special: the next pass draws at the new size.
+    // Every pass draws, waits briefly for keys, then takes whatever the poller has answered
+    // (a signal included). A resize needs nothing special: the next pass draws at the new size.
     while !app.should_quit() {
         guard
-            .terminal
             .draw(|frame| ui::draw(frame, &app))
             .map_err(TuiError::Terminal)?;
 
-        if term_event::poll(INPUT_WAIT).map_err(TuiError::Terminal)?
-            && let TermEvent::Key(key) = term_event::read().map_err(TuiError::Terminal)?
-            && let Some(request) = app.update(Input::Key(key))
+        // crossterm is asked for keys only once they are there, and then for all it has: asked
+        // on a terminal that hung up, it would never return.
+        match guard
+            .wait_for_keys(INPUT_WAIT)
+            .map_err(TuiError::Terminal)?
         {
-            poller.send(request);
+            Keys::HungUp => return Err(TuiError::TerminalGone),
+            Keys::Idle => {}
+            Keys::Ready => {
+                while term_event::poll(Duration::ZERO).map_err(TuiError::Terminal)? {
+                    if let TermEvent::Key(key) = term_event::read().map_err(TuiError::Terminal)?
+                        && let Some(request) = app.update(Input::Key(key))
+                    {
+                        poller.send(request);
+                    }
+                }
+            }
         }
         while let Some(reply) = poller.try_recv() {
             if let Some(request) = app.update(Input::Reply(reply)) {

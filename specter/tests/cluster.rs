@@ -580,6 +580,22 @@ fn a_member_whose_api_does_not_answer_is_named_and_left_out_of_the_totals() {
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("node-2"), "names the member:\n{stderr}");
 
+    // The dashboard on node-0, in a real terminal, names the member in its banner rather than
+    // giving up on node-0 while node-0 waits for it.
+    let tmux = Tmux::start(
+        120,
+        40,
+        &format!(
+            "ip netns exec {} '{SPECTER}' tui --api {api} --scope cluster; sleep 60",
+            topology.hub.name
+        ),
+    );
+    let screen = tmux.wait_for("the banner naming node-2", |s| {
+        s.contains("leave out members that did not answer") && s.contains("node-2")
+    });
+    assert!(!screen.contains("API unreachable"), "{screen}");
+    tmux.keys(&["q"]);
+
     // Once its API answers again, it is back in the totals.
     topology.nodes[2].exec_ok(&["nft", "delete", "table", "inet", "specter_test"]);
     let merged = nodes[0].api_json("/api/stats?scope=cluster");

@@ -11,10 +11,19 @@ mod harness;
 #[path = "support/tmux.rs"]
 mod tmux;
 
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
 use tempfile::TempDir;
 
 use harness::{ProxyConfig, SPECTER, Specter, TestServer, client, closed_addr, counter};
-use tmux::{Tmux, card_value};
+use tmux::{Tmux, card_value, has_ended};
+
+/// How long the dashboard may take to leave once its terminal is gone: a few passes of its
+/// loop, with room for two shared cores.
+const LEAVE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The dashboard under a shell that reports, once it exits, its exit code and the terminal's
 /// mode flags, then stays open so the test can read them.
@@ -171,4 +180,52 @@ fn sigterm_leaves_like_q_and_restores_the_terminal() {
         std::io::Error::last_os_error()
     );
     assert_exited_cleanly(&tmux);
+}
+
+#[test]
+fn dashboard_leaves_when_its_terminal_goes_away() {
+    let dir = TempDir::new().expect("create a test directory");
+    let pid_file = dir.path().join("tui.pid");
+    let api = closed_addr();
+    // The shell records its pid and becomes the dashboard, so the pid is the dashboard's.
+    let tmux = Tmux::start(
+        80,
+        24,
+        &format!(
+            "echo $$ > '{}'; exec '{SPECTER}' tui --api http://{api}",
+            pid_file.display()
+        ),
+    );
+    tmux.wait_for("the dashboard", |s| s.contains("API unreachable"));
+    let pid: libc::pid_t = std::fs::read_to_string(&pid_file)
+        .expect("read the dashboard's pid file")
+        .trim()
+        .parse()
+        .expect("the pid file holds a pid");
+    let dashboard = KillOnDrop(pid);
+
+    // Closing the window takes the terminal away: reads give end-of-file, writes fail.
+    tmux.kill_session();
+    let killed = Instant::now();
+    while !has_ended(dashboard.0) {
+        assert!(
+            killed.elapsed() < LEAVE_DEADLINE,
+            "the dashboard (pid {pid}) still runs {LEAVE_DEADLINE:?} after its terminal went away"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Ends a process the test started if it is still there when the test ends, pass or fail, so
+/// a dashboard that failed to leave does not keep spinning after the test.
+struct KillOnDrop(libc::pid_t);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if !has_ended(self.0) {
+            // SAFETY: kill(2) on the pid the dashboard's shell wrote a moment ago, checked to
+            // be still running just before.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
 }

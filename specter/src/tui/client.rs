@@ -24,13 +24,24 @@ use serde::{Deserialize, de::DeserializeOwned};
 use thiserror::Error;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
+use super::terminal;
 use crate::{
+    cluster::FETCH_TIMEOUT,
     event::{Event, EventSummary},
     verdict::{NodePart, Scope},
 };
 
-/// How long one API call may take before it counts as a failure.
+/// How long connecting to the admin API, or one call to it in the node's own scope, may take
+/// before it counts as a failure.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one call in the cluster scope may take. The node asked then reads every other
+/// member's admin API (for `/api/stats`, profiles and recent divergences at the same time),
+/// each read allowed `FETCH_TIMEOUT`: one hung member holds its answer back that long. Waiting
+/// longer than the node lets its answer, which names the missing member, arrive instead of a
+/// timeout here.
+const CLUSTER_REQUEST_TIMEOUT: Duration = FETCH_TIMEOUT.saturating_add(REQUEST_TIMEOUT);
+/// How long the drawing loop has to leave after a signal before the process leaves without it.
+const SIGNAL_GRACE: Duration = Duration::from_secs(2);
 /// How many divergences the list pane asks for; the route filter narrows them locally.
 const DIVERGENCE_LIMIT: usize = 200;
 
@@ -381,7 +392,7 @@ impl Poller {
         thread::Builder::new()
             .name("specter-tui-poller".to_owned())
             .spawn(move || {
-                let api = Api::new(base);
+                let api = Api::new(base, request_timeout(scope));
                 runtime.block_on(poll_loop(&api, scope, interval, request_rx, &reply_tx));
             })?;
 
@@ -461,8 +472,20 @@ async fn poll_loop(
     }
 }
 
+/// How long one API call may take in `scope`.
+pub fn request_timeout(scope: Scope) -> Duration {
+    match scope {
+        Scope::Local => REQUEST_TIMEOUT,
+        Scope::Cluster => CLUSTER_REQUEST_TIMEOUT,
+    }
+}
+
 /// Turns the signals that would otherwise kill the process (and leave the terminal in raw
 /// mode) into a [`Reply::Signal`]. A signal that cannot be watched keeps its default action.
+///
+/// The drawing loop leaves within one pass of that reply. Should it not within
+/// [`SIGNAL_GRACE`], stuck on a terminal that stopped answering, the process ends anyway, with
+/// the exit status a shell gives a process killed by the signal.
 async fn watch_signals(replies: mpsc::Sender<Reply>) {
     use tokio::signal::unix::{SignalKind, signal};
 
@@ -478,26 +501,36 @@ async fn watch_signals(replies: mpsc::Sender<Reply>) {
     let mut term = signal(SignalKind::terminate()).ok();
     let mut hangup = signal(SignalKind::hangup()).ok();
     let mut interrupt = signal(SignalKind::interrupt()).ok();
-    tokio::select! {
-        () = next(&mut term) => {}
-        () = next(&mut hangup) => {}
-        () = next(&mut interrupt) => {}
-    }
+    let signal = tokio::select! {
+        () = next(&mut term) => libc::SIGTERM,
+        () = next(&mut hangup) => libc::SIGHUP,
+        () = next(&mut interrupt) => libc::SIGINT,
+    };
     let _ = replies.send(Reply::Signal);
+
+    tokio::time::sleep(SIGNAL_GRACE).await;
+    terminal::exit_now(128 + signal);
 }
 
 /// GETs JSON from the admin API.
 struct Api {
     base: ApiBase,
     http: Client<HttpConnector, Empty<Bytes>>,
+    /// How long one call may take, connecting included.
+    timeout: Duration,
 }
 
 impl Api {
-    fn new(base: ApiBase) -> Self {
+    fn new(base: ApiBase, timeout: Duration) -> Self {
+        // Connecting involves the node asked alone, whatever the scope.
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(REQUEST_TIMEOUT));
         let http = Client::builder(TokioExecutor::new()).build(connector);
-        Self { base, http }
+        Self {
+            base,
+            http,
+            timeout,
+        }
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -542,13 +575,12 @@ impl Api {
                 .to_bytes();
             Ok::<_, ClientError>((status, body))
         };
-        let (status, body) =
-            tokio::time::timeout(REQUEST_TIMEOUT, call)
-                .await
-                .map_err(|_| ClientError::Timeout {
-                    url: url.to_owned(),
-                    timeout: REQUEST_TIMEOUT,
-                })??;
+        let (status, body) = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                url: url.to_owned(),
+                timeout: self.timeout,
+            })??;
 
         if status != StatusCode::OK {
             return Err(ClientError::Status {

@@ -1,5 +1,14 @@
 //! The dashboard without a terminal or a network: made-up API answers and keys go in, the
-//! screen is drawn on ratatui's `TestBackend` and read back as text.
+//! screen is drawn on ratatui's `TestBackend` and read back as text. The wait for keys is
+//! checked on a pseudo-terminal, which a test can close as a window would be.
+
+use std::{
+    fs::File,
+    io::{self, Write as _},
+    os::fd::{AsFd as _, FromRawFd as _, OwnedFd},
+    ptr,
+    time::Duration,
+};
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::{Terminal, backend::TestBackend};
@@ -9,10 +18,13 @@ use super::{
     app::{App, Connection, Input, Pane, Screen},
     client::{
         ApiBase, ClientError, DivergenceRef, FieldsReport, Reply, Request, Stats, encode_segment,
+        request_timeout,
     },
+    terminal::{Keys, wait_for_keys},
     ui,
 };
 use crate::{
+    cluster::FETCH_TIMEOUT,
     event::{Event, EventSummary},
     verdict::Scope,
 };
@@ -755,4 +767,53 @@ fn wrapping_breaks_between_words_and_cuts_only_long_ones() {
     );
     assert_eq!(ui::wrap("ab\n\ncd", 5), ["ab", "", "cd"]);
     assert_eq!(ui::wrap("", 5), [""]);
+}
+
+#[test]
+fn cluster_calls_outlast_the_nodes_own_reads_of_its_members() {
+    assert_eq!(request_timeout(Scope::Local), Duration::from_secs(3));
+    // In the cluster scope the node asked waits up to FETCH_TIMEOUT for a hung member.
+    assert!(
+        request_timeout(Scope::Cluster) > FETCH_TIMEOUT,
+        "{:?} is not longer than a member read of {FETCH_TIMEOUT:?}",
+        request_timeout(Scope::Cluster)
+    );
+}
+
+/// A pseudo-terminal: the side a terminal window holds, and the side a program reads.
+fn pty() -> (File, File) {
+    let (mut window, mut program) = (-1, -1);
+    // SAFETY: openpty(3) writes two descriptors into the two ints; the name, settings and size
+    // pointers may be null.
+    let opened = unsafe {
+        libc::openpty(
+            &raw mut window,
+            &raw mut program,
+            ptr::null_mut(),
+            ptr::null(),
+            ptr::null(),
+        )
+    };
+    assert_eq!(opened, 0, "openpty: {}", io::Error::last_os_error());
+    // SAFETY: openpty just opened both descriptors, and nothing else owns them.
+    unsafe {
+        (
+            File::from(OwnedFd::from_raw_fd(window)),
+            File::from(OwnedFd::from_raw_fd(program)),
+        )
+    }
+}
+
+#[test]
+fn a_terminal_whose_window_closed_reads_as_hung_up() {
+    let (mut window, program) = pty();
+    let wait = |timeout| wait_for_keys(program.as_fd(), timeout).expect("poll the terminal");
+    assert_eq!(wait(Duration::from_millis(20)), Keys::Idle);
+
+    // A whole line: a new pseudo-terminal is in canonical mode, not raw like the dashboard's.
+    window.write_all(b"q\n").expect("type on the terminal");
+    assert_eq!(wait(Duration::from_secs(5)), Keys::Ready);
+
+    drop(window);
+    assert_eq!(wait(Duration::from_millis(20)), Keys::HungUp);
 }

@@ -121,6 +121,17 @@ impl Tmux {
         children[0]
     }
 
+    /// Ends the session as closing its window would: tmux closes the pane's terminal, so the
+    /// programs in it find it hung up.
+    pub fn kill_session(&self) {
+        let output = self.run(&["kill-session", "-t", &self.session]);
+        assert!(
+            output.status.success(),
+            "tmux kill-session failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     /// Polls the screen until `done` holds; panics with the last screen after the deadline.
     pub fn wait_for(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
         let started = Instant::now();
@@ -149,6 +160,18 @@ pub fn parent_of(pid: libc::pid_t) -> Option<libc::pid_t> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 1..];
     after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `pid` has ended: no such process, or one that has exited and only waits to be
+/// reaped (which a container's first process may never do).
+pub fn has_ended(pid: libc::pid_t) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().next());
+    matches!(state, Some("Z" | "X") | None)
 }
 
 /// The value line of the dashboard card titled `title`.

@@ -43,11 +43,11 @@ fn tempdir() -> TempDir {
         .expect("create a test directory")
 }
 
-/// Three nodes that all name node-0 as their seed, with the same secret: proxies, or with
-/// `attach` nodes that capture their own live service.
-fn three_nodes(topology: &Topology, dir: &TempDir, attach: bool) -> Vec<Node> {
+/// Three nodes that all name node-0 as their seed, with the same secret, once each sees all
+/// three: proxies, or with `attach` nodes that capture their own live service.
+fn formed_cluster(topology: &Topology, dir: &TempDir, attach: bool) -> Vec<Node> {
     let secret = secret_file(dir.path(), "secret", "the cluster's shared secret");
-    (0..3)
+    let nodes: Vec<Node> = (0..3)
         .map(|index| {
             Node::start(
                 topology,
@@ -60,7 +60,11 @@ fn three_nodes(topology: &Topology, dir: &TempDir, attach: bool) -> Vec<Node> {
                 },
             )
         })
-        .collect()
+        .collect();
+    for node in &nodes {
+        node.wait_for_members(&ALL, JOIN_DEADLINE);
+    }
+    nodes
 }
 
 /// Sends `GET path` with `X-User-ID: user` through `node`; the client must get the live answer.
@@ -226,10 +230,7 @@ fn users_are_recorded_by_one_node_in_order_and_cluster_figures_are_exact() {
     let dir = tempdir();
     let topology = Topology::new(3);
     let _upstreams = topology.start_upstreams(dir.path());
-    let nodes = three_nodes(&topology, &dir, false);
-    for node in &nodes {
-        node.wait_for_members(&ALL, JOIN_DEADLINE);
-    }
+    let nodes = formed_cluster(&topology, &dir, false);
 
     let Mirrored {
         sent,
@@ -433,10 +434,7 @@ fn attach_mode_nodes_ship_what_they_capture_to_the_owner() {
     let dir = tempdir();
     let topology = Topology::new(3);
     let _upstreams = topology.start_upstreams(dir.path());
-    let nodes = three_nodes(&topology, &dir, true);
-    for node in &nodes {
-        node.wait_for_members(&ALL, JOIN_DEADLINE);
-    }
+    let nodes = formed_cluster(&topology, &dir, true);
 
     let Mirrored { sent, stats, .. } = mirror_users_through_every_node(&topology, &nodes, 5);
     for (node, stats) in nodes.iter().zip(&stats) {
@@ -457,10 +455,7 @@ fn a_killed_node_is_dropped_its_keys_move_and_it_takes_them_back() {
     let dir = tempdir();
     let topology = Topology::new(3);
     let _upstreams = topology.start_upstreams(dir.path());
-    let mut nodes = three_nodes(&topology, &dir, false);
-    for node in &nodes {
-        node.wait_for_members(&ALL, JOIN_DEADLINE);
-    }
+    let mut nodes = formed_cluster(&topology, &dir, false);
     let keys: Vec<String> = (0..150).map(|k| format!("key-{k}")).collect();
     let before = owners(&nodes[0], &keys);
     assert_eq!(before, owners(&nodes[1], &keys), "nodes agree on the ring");
@@ -513,10 +508,7 @@ fn a_member_whose_api_does_not_answer_is_named_and_left_out_of_the_totals() {
     let dir = tempdir();
     let topology = Topology::new(3);
     let _upstreams = topology.start_upstreams(dir.path());
-    let nodes = three_nodes(&topology, &dir, false);
-    for node in &nodes {
-        node.wait_for_members(&ALL, JOIN_DEADLINE);
-    }
+    let nodes = formed_cluster(&topology, &dir, false);
     let Mirrored { stats, .. } = mirror_users_through_every_node(&topology, &nodes, 3);
 
     // node-2 stays a live member (gossip and the forward channel still pass) but its admin
@@ -608,10 +600,7 @@ fn a_partition_heals_and_every_exchange_is_recorded_or_counted() {
     let dir = tempdir();
     let topology = Topology::new(3);
     let _upstreams = topology.start_upstreams(dir.path());
-    let nodes = three_nodes(&topology, &dir, false);
-    for node in &nodes {
-        node.wait_for_members(&ALL, JOIN_DEADLINE);
-    }
+    let nodes = formed_cluster(&topology, &dir, false);
     let users: Vec<String> = (0..12).map(|u| format!("user-{u}")).collect();
     let mut sent = 0u64;
     let mut round = |n: usize| {

@@ -687,16 +687,55 @@ fn command_line_mistakes_exit_with_the_documented_codes() {
     assert_eq!(run(&["--help"]).0, Some(0));
 }
 
-/// The PostgreSQL server `.ci/run` starts (the postgres store tests' default), reached here
-/// through a relay that plays its outage.
-const POSTGRES: ([u8; 4], u16) = ([127, 0, 0, 1], 5432);
+/// The server the postgres tests use when `SPECTER_TEST_POSTGRES_DSN` is not set: the one
+/// `.ci/run` starts.
+const DEFAULT_POSTGRES_DSN: &str =
+    "host=127.0.0.1 user=postgres password=postgres dbname=specter_test";
+
+/// The test PostgreSQL server's address, and a DSN for the same user and database through
+/// `relay_port` on loopback instead.
+fn postgres_through(relay_port: u16) -> (std::net::SocketAddr, String) {
+    use std::net::ToSocketAddrs as _;
+    use tokio_postgres::config::Host;
+
+    let dsn = std::env::var("SPECTER_TEST_POSTGRES_DSN")
+        .unwrap_or_else(|_| DEFAULT_POSTGRES_DSN.to_owned());
+    let config: tokio_postgres::Config = dsn.parse().expect("SPECTER_TEST_POSTGRES_DSN");
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => host.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let server = (host.as_str(), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .unwrap_or_else(|| panic!("cannot resolve the test PostgreSQL host {host}"));
+    let quoted = |value: &[u8]| {
+        let text = String::from_utf8_lossy(value);
+        format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+    };
+    let mut relayed = format!("host=127.0.0.1 port={relay_port}");
+    if let Some(user) = config.get_user() {
+        relayed.push_str(&format!(" user={}", quoted(user.as_bytes())));
+    }
+    if let Some(password) = config.get_password() {
+        relayed.push_str(&format!(" password={}", quoted(password)));
+    }
+    if let Some(dbname) = config.get_dbname() {
+        relayed.push_str(&format!(" dbname={}", quoted(dbname.as_bytes())));
+    }
+    (server, relayed)
+}
 
 #[test]
 fn stats_keep_answering_while_a_postgres_store_is_down() {
     let dir = tempdir();
     let live = TestServer::live(dir.path());
     let shadow = TestServer::shadow(dir.path());
-    let relay = Relay::start(POSTGRES.into());
+    let relay_port = free_port();
+    let (server, dsn) = postgres_through(relay_port);
+    let relay = Relay::start_on(relay_port, server);
     let secret = dir.path().join("cluster.secret");
     std::fs::write(&secret, "a secret for one node").unwrap();
     // A cluster of one, only to give this run's rows a node name of their own.
@@ -706,9 +745,8 @@ fn stats_keep_answering_while_a_postgres_store_is_down() {
         .as_nanos();
     let config = ProxyConfig::new(live.url(), shadow.url())
         .store(&format!(
-            "  backend: postgres\n  postgres_dsn: \"host=127.0.0.1 port={} user=postgres \
-             password=postgres dbname=specter_test\"",
-            relay.addr.port()
+            "  backend: postgres\n  postgres_dsn: {}",
+            serde_json::Value::from(dsn)
         ))
         .section(&format!(
             "cluster:\n  node_name: stats-outage-{nanos}\n  bind_addr: 127.0.0.1:{}\n  \

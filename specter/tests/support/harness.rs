@@ -815,8 +815,9 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+    /// A relay on loopback port `port`.
+    pub fn start_on(port: u16, target: SocketAddr) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the relay");
         let addr = listener.local_addr().expect("relay address");
         listener.set_nonblocking(true).expect("non-blocking relay");
         let cut = Arc::new(AtomicBool::new(false));

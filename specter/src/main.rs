@@ -209,7 +209,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         (Some(Command::Testserver { port, mode, bind }), None, None) => {
             let addr = std::net::SocketAddr::new(bind, port);
             let listener = testserver::bind(addr).await?;
-            info!(%addr, ?mode, "Test server listening");
             testserver::serve(listener, mode, shutdown_signal()).await?;
             Ok(())
         }

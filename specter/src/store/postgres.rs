@@ -745,9 +745,13 @@ async fn migrate(pool: &Pool, dsn: &str) -> Result<usize, StoreError> {
     txn.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
         .await
         .map_err(failed(known))?;
-    txn.batch_execute("CREATE TABLE IF NOT EXISTS specter_schema (version integer NOT NULL)")
-        .await
-        .map_err(failed(known))?;
+    // The server's notice that the table exists already would be logged on every start.
+    txn.batch_execute(
+        "SET LOCAL client_min_messages = warning; \
+         CREATE TABLE IF NOT EXISTS specter_schema (version integer NOT NULL)",
+    )
+    .await
+    .map_err(failed(known))?;
     let found: i32 = txn
         .query_opt("SELECT max(version) FROM specter_schema", &[])
         .await

@@ -167,10 +167,9 @@ fn usage_error(error: &clap::Error) -> std::process::ExitCode {
     if !error.use_stderr() {
         return std::process::ExitCode::SUCCESS;
     }
-    let verdict = std::env::args()
-        .skip(1)
-        .find(|arg| !arg.starts_with('-') && !matches!(arg.as_str(), "text" | "json"))
-        .is_some_and(|command| command == "verdict");
+    // The mistake may come before the command is read (a bad global option), so any word
+    // `verdict` on the line counts.
+    let verdict = std::env::args().skip(1).any(|arg| arg == "verdict");
     std::process::ExitCode::from(if verdict { 3 } else { 1 })
 }
 
@@ -454,7 +453,16 @@ impl Stages {
         let cluster = match &settings.cluster {
             Some(_) => {
                 let api_addr = api_listener.local_addr().unwrap_or(settings.api.listen);
-                let cluster = Cluster::start(config, running.pipeline().clone(), api_addr).await?;
+                let cluster =
+                    match Cluster::start(config, running.pipeline().clone(), api_addr).await {
+                        Ok(cluster) => cluster,
+                        Err(error) => {
+                            // Nothing was captured yet; the recorder is stopped before the
+                            // runtime goes, as the store may still need it.
+                            running.shutdown(std::time::Duration::ZERO).await;
+                            return Err(error.into());
+                        }
+                    };
                 running.set_router(cluster.clone());
                 Some(cluster)
             }

@@ -676,6 +676,7 @@ fn command_line_mistakes_exit_with_the_documented_codes() {
         &["verdict", "--scope", "clust"][..],
         &["verdict", "--min-samples", "abc"],
         &["--log-format", "json", "verdict", "--bogus"],
+        &["--log-format", "xml", "verdict"],
     ] {
         let (code, stderr) = run(args);
         assert_eq!(code, Some(3), "specter {args:?}:\n{stderr}");

@@ -54,19 +54,31 @@ fn rings_built_from_the_same_members_in_any_order_agree() {
 /// within 25%. The names and keys are fixed, so this is deterministic, not a flaky bound.
 #[test]
 fn keys_spread_evenly_over_members() {
-    for n in 3..=5 {
-        let ring = Ring::new(names(n), DEFAULT_VNODES);
+    // Long names and very short ones alike: names of a few bytes that differ only in their
+    // last one once put nearly every key on one member.
+    let mut families: Vec<Vec<String>> = (3..=5).map(names).collect();
+    for family in [
+        &["n01", "n02", "n03"][..],
+        &["pga", "pgb", "pgc"],
+        &["a", "b", "c", "d"],
+        &["n1", "n2"],
+    ] {
+        families.push(family.iter().map(|n| (*n).to_owned()).collect());
+    }
+    for family in families {
+        let n = family.len();
+        let ring = Ring::new(family.clone(), DEFAULT_VNODES);
         let mut counts: HashMap<String, usize> = HashMap::new();
         for owner in owners(&ring) {
             *counts.entry(owner).or_default() += 1;
         }
-        assert_eq!(counts.len(), n, "every member owns keys");
+        assert_eq!(counts.len(), n, "{family:?}: every member owns keys");
         let fair = KEYS as f64 / n as f64;
         for (name, count) in &counts {
             let off = (*count as f64 - fair).abs() / fair;
             assert!(
                 off < 0.25,
-                "{n} members: {name} owns {count} keys, {:.1}% off the fair {fair:.0}",
+                "{family:?}: {name} owns {count} keys, {:.1}% off the fair {fair:.0}",
                 off * 100.0
             );
         }

@@ -291,7 +291,9 @@ impl Scoped {
         };
         for missing in parts.into_iter().filter(|p| !p.ok) {
             let cause = missing.error.unwrap_or_default();
-            if let Some(node) = nodes.iter_mut().find(|n| n.name == missing.name) {
+            // A member whose figures are missing already says why; the same cause once more
+            // for its list would add nothing.
+            if let Some(node) = nodes.iter_mut().find(|n| n.name == missing.name && n.ok) {
                 let note = format!("{part} missing ({cause})");
                 node.error = Some(match node.error.take() {
                     Some(earlier) => format!("{earlier}; {note}"),

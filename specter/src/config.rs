@@ -677,10 +677,19 @@ impl Config {
                 "a duration above zero, or no key to keep events of any age",
             ));
         }
-        if self.store.backend == StoreBackend::Postgres && self.store.postgres_dsn.is_none() {
+        let dsn_given = self
+            .store
+            .postgres_dsn
+            .as_deref()
+            .is_some_and(|dsn| !dsn.trim().is_empty());
+        if self.store.backend == StoreBackend::Postgres && !dsn_given {
+            let value = match &self.store.postgres_dsn {
+                Some(_) => "(empty)",
+                None => "(missing)",
+            };
             return Err(invalid(
                 "store.postgres_dsn",
-                "(missing)".into(),
+                value.into(),
                 "a PostgreSQL connection string like \"host=127.0.0.1 user=specter \
                  dbname=specter\" when store.backend is postgres",
             ));

@@ -404,6 +404,13 @@ fn config_requires_a_dsn_for_the_postgres_backend() {
     let message = error.to_string();
     assert!(message.contains("store.postgres_dsn"), "{message}");
     assert!(message.contains("store.backend is postgres"), "{message}");
+
+    let empty = format!("{text}  postgres_dsn: \"  \"\n");
+    let error = Config::parse(&empty, "t")
+        .unwrap()
+        .validate("t")
+        .expect_err("an empty DSN must fail");
+    assert!(error.to_string().contains("(empty)"), "{error}");
 }
 
 #[test]

@@ -186,14 +186,10 @@ async fn stats(state: &ApiState, query: &Query) -> Response<Full<Bytes>> {
     };
     // The members' profiles and divergence lists are read at the same time, so a member that
     // does not answer costs one read timeout, not two.
-    let (scoped, recent) = tokio::join!(
-        Scoped::read(state, query),
+    let (mut scoped, recent) = tokio::join!(
+        Scoped::of(state, cluster_scope),
         scoped_recent(state, cluster_scope, RECENT_IN_STATS, None)
     );
-    let mut scoped = match scoped {
-        Ok(scoped) => scoped,
-        Err(response) => return response,
-    };
     // The totals stand whatever the lists: a member whose recent divergences are missing from
     // the list says so in its `error`, and a store this node cannot read leaves its counters
     // (kept in memory) to be shown all the same.
@@ -260,15 +256,20 @@ struct Scoped {
 }
 
 impl Scoped {
+    /// The scope `query` asks for; a `400` when it names none.
     async fn read(state: &ApiState, query: &Query) -> Result<Self, Response<Full<Bytes>>> {
         let cluster_scope = scope(query).map_err(|e| error(StatusCode::BAD_REQUEST, &e))?;
+        Ok(Self::of(state, cluster_scope).await)
+    }
+
+    async fn of(state: &ApiState, cluster_scope: bool) -> Self {
         if !cluster_scope {
-            return Ok(Self {
+            return Self {
                 merged: None,
                 nodes: None,
-            });
+            };
         }
-        Ok(match &state.cluster {
+        match &state.cluster {
             Some(cluster) => {
                 let (merged, nodes) = cluster.merged_profile().await;
                 Self {
@@ -280,7 +281,7 @@ impl Scoped {
                 merged: None,
                 nodes: Some(vec![single_node(state)]),
             },
-        })
+        }
     }
 
     /// Notes in each member's `error` that `part` of the answer is missing from it, for the

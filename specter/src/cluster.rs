@@ -549,7 +549,10 @@ async fn fetch_answer(
         let request = http::Request::get(format!("http://{api}{path}"))
             .body(Empty::new())
             .map_err(|e| e.to_string())?;
-        let response = http.request(request).await.map_err(|e| with_causes(&e))?;
+        let response = http
+            .request(request)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
         let answered_as = response
             .headers()
             .get(NODE_HEADER)
@@ -574,22 +577,6 @@ async fn fetch_answer(
     tokio::time::timeout(FETCH_TIMEOUT, read)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {FETCH_TIMEOUT:?}")))
-}
-
-/// An error and its causes, as one line: the HTTP client's own text ("client error
-/// (Connect)") says little without them.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(next) = cause {
-        let text = next.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        cause = next.source();
-    }
-    line
 }
 
 fn status_of(member: &Member, answer: Result<(), String>) -> NodeStatus {

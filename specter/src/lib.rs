@@ -28,3 +28,19 @@ pub mod testserver;
 pub mod traffic;
 pub mod tui;
 pub mod verdict;
+
+/// An error and its causes on one line, each cause after a `: `. A cause whose text the line
+/// already holds is left out: many errors here say their cause in their own text too.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}

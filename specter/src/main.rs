@@ -136,27 +136,14 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // Not eprintln!, which panics when stderr is gone (a closed terminal, say).
-            let _ = writeln!(std::io::stderr(), "specter: {}", describe(&error));
+            let _ = writeln!(
+                std::io::stderr(),
+                "specter: {}",
+                specter::error_chain(error.as_ref())
+            );
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its causes on one line. Most of Specter's errors already say their cause, so a
-/// cause whose text the line holds already is not repeated.
-fn describe(error: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
 }
 
 /// Prints a command-line error (or the help or version asked for) and picks the exit code:

@@ -182,7 +182,7 @@ impl Proxy {
                 Ok(Ok(response)) => response,
                 Ok(Err(error)) => {
                     self.pipeline.profile().tally(Tally::LiveError);
-                    let cause = crate::replay::error_chain(&error);
+                    let cause = crate::error_chain(&error);
                     debug!(%live, %cause, "Live service request failed");
                     return plain(
                         StatusCode::BAD_GATEWAY,

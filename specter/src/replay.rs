@@ -117,7 +117,7 @@ impl ShadowClient {
                 .await
                 .map_err(|e| ReplayError::Http {
                     authority: authority.clone(),
-                    cause: error_chain(&e),
+                    cause: crate::error_chain(&e),
                 })?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, self.max_body_bytes)
@@ -199,18 +199,6 @@ impl ShadowClient {
             .body(Full::new(request.body.clone()))
             .map_err(|e| build_error(e.to_string()))
     }
-}
-
-/// An error and its causes on one line, so the recorded shadow error says what happened.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Opens TCP connections to the shadow, reporting each local endpoint to the hook before the

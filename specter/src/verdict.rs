@@ -170,13 +170,13 @@ pub async fn fetch(args: &VerdictArgs) -> Result<Answer, VerdictError> {
         let response = client
             .request(request)
             .await
-            .map_err(|e| unreachable(crate::replay::error_chain(&e)))?;
+            .map_err(|e| unreachable(crate::error_chain(&e)))?;
         let status = response.status();
         let body = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| unreachable(crate::replay::error_chain(&e)))?
+            .map_err(|e| unreachable(crate::error_chain(&e)))?
             .to_bytes();
         Ok::<_, VerdictError>((status, body))
     };

@@ -988,7 +988,7 @@ async fn probe(pool: &Pool) -> Result<(), String> {
 /// A pool error as its cause says it: deadpool's wording around it adds nothing.
 fn pool_error(error: &PoolError) -> String {
     match error {
-        PoolError::Backend(error) => error_chain(error),
+        PoolError::Backend(error) => crate::error_chain(error),
         other => other.to_string(),
     }
 }
@@ -997,7 +997,7 @@ fn pool_error(error: &PoolError) -> String {
 /// connection; of the rest, connection, resource, operator and transaction-conflict classes
 /// pass, and everything else is about the batch itself.
 fn classify(error: &tokio_postgres::Error) -> Failure {
-    let message = error_chain(error);
+    let message = crate::error_chain(error);
     match error
         .code()
         .map(|code| code.code().get(..2).unwrap_or_default())
@@ -1005,21 +1005,6 @@ fn classify(error: &tokio_postgres::Error) -> Failure {
         None | Some("08" | "40" | "53" | "57" | "58") => Failure::Transient(message),
         Some(_) => Failure::Permanent(message),
     }
-}
-
-/// An error and its causes, as one line.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(source) = cause {
-        let more = source.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = source.source();
-    }
-    text
 }
 
 /// The DSN as it can be shown: the password replaced by `***`, in both the key=value form and

@@ -565,13 +565,13 @@ impl Api {
                 .http
                 .request(request)
                 .await
-                .map_err(|e| unreachable(error_chain(&e)))?;
+                .map_err(|e| unreachable(crate::error_chain(&e)))?;
             let status = response.status();
             let body = response
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| unreachable(error_chain(&e)))?
+                .map_err(|e| unreachable(crate::error_chain(&e)))?
                 .to_bytes();
             Ok::<_, ClientError>((status, body))
         };
@@ -604,19 +604,6 @@ fn api_message(body: &[u8]) -> String {
         Some(message) => message.to_owned(),
         None => String::from_utf8_lossy(body).chars().take(200).collect(),
     }
-}
-
-/// An error with its causes, `outer: inner: innermost`: hyper's own message alone ("client
-/// error (Connect)") does not say that the connection was refused.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Percent-encodes one path segment: route names hold spaces, slashes and braces.
